@@ -1,0 +1,203 @@
+"""Base data module: split bookkeeping, k-shot subsetting, seeded loaders."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from lqf_exp.data.sampling import check_shots, k_shot_indices
+
+
+@dataclass
+class Splits:
+    """What a subclass loads: the three splits, the train labels (in order) and the class names."""
+
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    train_targets: np.ndarray
+    class_names: list[str]
+
+
+def as_channel_stats(value: float | Sequence[float], what: str) -> tuple[float, float, float]:
+    """Broadcast a scalar or a 3-sequence (lists from Hydra included) to three channel values."""
+    if isinstance(value, int | float):
+        return (float(value),) * 3
+    values = [float(v) for v in value]
+    if len(values) == 1:
+        values = values * 3
+    if len(values) != 3:
+        raise ValueError(f"{what} must be a number or a list of 3 numbers, got {list(value)}")
+    return tuple(values)  # type: ignore[return-value]
+
+
+class TensorImageDataset(Dataset):
+    """In-memory images in [0, 1], shape (N, 1|3, H, W); items are normalized 3-channel tensors.
+
+    Grayscale images are stored once with one channel and repeated per item, which keeps
+    e.g. Fashion-MNIST three times smaller in memory. ``source_index`` records where each item sits
+    in the original data set, to trace samples (e.g. for influence scores) and check splits.
+    """
+
+    def __init__(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        mean: Sequence[float] = (0.5, 0.5, 0.5),
+        std: Sequence[float] = (0.5, 0.5, 0.5),
+        source_index: np.ndarray | None = None,
+    ) -> None:
+        if images.ndim != 4 or images.shape[1] not in (1, 3):
+            raise ValueError(f"images must be (N, 1|3, H, W), got {tuple(images.shape)}")
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images = images.float().contiguous()
+        self.labels = labels.long().contiguous()
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        self.source_index = np.arange(len(labels)) if source_index is None else np.asarray(source_index)
+
+    @property
+    def targets(self) -> np.ndarray:
+        return self.labels.numpy()
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        image = self.images[index].expand(3, -1, -1)
+        return (image - self.mean) / self.std, int(self.labels[index])
+
+
+class ClassificationDataModule(pl.LightningDataModule):
+    """Image classification data with train / val / test splits and an optional k-shot train subset.
+
+    Subclasses implement :meth:`load_splits`. ``setup`` loads everything once (later calls are
+    no-ops). ``shots`` keeps exactly k seeded images per class of the *train* split only; the val and
+    test splits depend on ``split_seed`` alone. The train loader shuffles with a generator seeded
+    by ``shuffle_seed`` (default: ``shots_seed``, i.e. the run seed).
+    """
+
+    def __init__(
+        self,
+        name: str = "data",
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        shots: int | None = None,
+        shots_seed: int = 0,
+        split_seed: int = 0,
+        val_fraction: float = 0.1,
+        shuffle_seed: int | None = None,
+        pin_memory: bool | None = None,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
+            raise ValueError(f"batch sizes must be >= 1, got {batch_size} / {eval_batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        self.name = str(name)
+        self.batch_size = int(batch_size)
+        self.eval_batch_size = int(eval_batch_size) if eval_batch_size is not None else self.batch_size
+        self.num_workers = int(num_workers)
+        self.shots = check_shots(shots)
+        self.shots_seed = int(shots_seed)
+        self.split_seed = int(split_seed)
+        self.val_fraction = float(val_fraction)
+        self.shuffle_seed = int(shuffle_seed) if shuffle_seed is not None else self.shots_seed
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
+        self._splits: Splits | None = None
+        self._train: Dataset | None = None
+
+    # -- to implement -------------------------------------------------------------------------
+    def load_splits(self) -> Splits:
+        """Load the full train / val / test splits (before any k-shot subsetting)."""
+        raise NotImplementedError
+
+    # -- Lightning hooks ----------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self._splits is not None:
+            return
+        splits = self.load_splits()
+        train: Dataset = splits.train
+        if self.shots is not None:
+            idx = k_shot_indices(
+                splits.train_targets,
+                self.shots,
+                seed=self.shots_seed,
+                num_classes=len(splits.class_names),
+                class_names=splits.class_names,
+            )
+            train = Subset(splits.train, idx.tolist())
+        self._train = train
+        self._splits = splits
+
+    def _require(self) -> Splits:
+        if self._splits is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() must be called first")
+        return self._splits
+
+    @property
+    def num_classes(self) -> int:
+        return len(self._require().class_names)
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self._require().class_names)
+
+    @property
+    def train_dataset(self) -> Dataset:
+        self._require()
+        assert self._train is not None
+        return self._train
+
+    @property
+    def val_dataset(self) -> Dataset:
+        return self._require().val
+
+    @property
+    def test_dataset(self) -> Dataset:
+        return self._require().test
+
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.shuffle_seed) if shuffle else None
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset, self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_dataset, self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_dataset, self.eval_batch_size, shuffle=False)
+
+    def describe(self) -> dict[str, Any]:
+        """Flat summary for logging (sizes are after k-shot subsetting)."""
+        return {
+            "name": self.name,
+            "num_classes": self.num_classes,
+            "shots": self.shots,
+            "shots_seed": self.shots_seed,
+            "split_seed": self.split_seed,
+            "train_size": len(self.train_dataset),  # type: ignore[arg-type]
+            "val_size": len(self.val_dataset),  # type: ignore[arg-type]
+            "test_size": len(self.test_dataset),  # type: ignore[arg-type]
+        }

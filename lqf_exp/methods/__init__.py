@@ -1,0 +1,8 @@
+"""Training methods as LightningModules; ``conf/method/<name>.yaml`` names one of these classes."""
+
+from lqf_exp.methods.base import ClassifierModule
+from lqf_exp.methods.curvature import CurvatureTargets
+from lqf_exp.methods.finetune import FineTune
+from lqf_exp.methods.probe import Probe, head_of
+
+__all__ = ["ClassifierModule", "CurvatureTargets", "FineTune", "Probe", "head_of"]

@@ -1,0 +1,123 @@
+"""The LightningModule shared by every training method: one classifier, one loss, accuracy metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor, nn
+from torchmetrics import MaxMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from lqf_exp.losses import ClassificationLoss
+from lqf_exp.methods.curvature import CurvatureTargets
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
+
+_PRECONDITIONED_LAYERS = (nn.Linear, nn.Conv2d)
+
+
+class ClassifierModule(pl.LightningModule):
+    """Trains ``self.net`` (whatever tensors of it require grad) with ``loss_fn``; logs ``{split}/loss|acc``.
+
+    Subclasses decide what is trainable (``configure_trainable``) and which network carries the curvature
+    (``curvature_targets``). ``optimizer``/``scheduler`` are partials from ``conf/optim``/``conf/schedule``.
+    """
+
+    method_name = "base"
+
+    def __init__(
+        self,
+        net: nn.Module,
+        loss_fn: ClassificationLoss,
+        num_classes: int,
+        optimizer: OptimizerFactory,
+        scheduler: SchedulerFactory | None = None,
+        hparams: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.net = net
+        self.loss_fn = loss_fn
+        self.num_classes = num_classes
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        # Only primitive values go to hparams, so checkpoints load with torch.load(weights_only=True).
+        self.save_hyperparameters(hparams or {"method": self.method_name})
+        self.configure_trainable()
+        metric = lambda: MulticlassAccuracy(num_classes=num_classes, average="micro")  # noqa: E731
+        self.train_acc, self.val_acc, self.test_acc = metric(), metric(), metric()
+        self.val_acc_best = MaxMetric()
+
+    # -- what is trained --------------------------------------------------------------------------------------
+    def configure_trainable(self) -> None:
+        """Default: every parameter of ``net`` is trained."""
+        self.net.requires_grad_(True)
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        return (p for p in self.parameters() if p.requires_grad)
+
+    def curvature_targets(self) -> CurvatureTargets:
+        """Every trainable Linear/Conv2d layer of ``net``; its curvature moves with the weights."""
+        layers = {
+            name: (module.weight, module.bias if module.bias is not None and module.bias.requires_grad else None)
+            for name, module in self.net.named_modules()
+            if isinstance(module, _PRECONDITIONED_LAYERS) and module.weight.requires_grad
+        }
+        return CurvatureTargets(network=self.net, layers=layers, constant=False)
+
+    # -- steps ------------------------------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def objective(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """The training objective; methods that regularize inside the loss (LQF) extend it."""
+        return self.loss_fn(logits, labels)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        images, labels = batch
+        logits = self(images)
+        loss = self.objective(logits, labels)
+        self.train_acc(logits, labels)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(labels))
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def _evaluate(self, batch: tuple[Tensor, Tensor], split: str, accuracy: MulticlassAccuracy) -> Tensor:
+        images, labels = batch
+        logits = self(images)
+        loss = self.loss_fn(logits, labels)
+        accuracy(logits, labels)
+        self.log(f"{split}/loss", loss, on_epoch=True, prog_bar=split == "val", batch_size=len(labels),
+                 sync_dist=True)
+        self.log(f"{split}/acc", accuracy, on_epoch=True, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self._evaluate(batch, "val", self.val_acc)
+
+    def on_validation_epoch_end(self) -> None:
+        self.val_acc_best(self.val_acc.compute())
+        self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=False, sync_dist=True)
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self._evaluate(batch, "test", self.test_acc)
+
+    def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self(batch[0]).argmax(dim=1)
+
+    # -- optimization -----------------------------------------------------------------------------------------
+    def optimizer_parameters(self) -> list[nn.Parameter]:
+        params = list(self.trainable_parameters())
+        if not params:
+            raise RuntimeError(f"method={self.method_name} left no trainable parameter")
+        return params
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = self.optimizer_factory(params=self.optimizer_parameters())
+        if self.scheduler_factory is None:
+            return {"optimizer": optimizer}
+        scheduler = self.scheduler_factory(optimizer=optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}

@@ -1,0 +1,154 @@
+"""``run(cfg)``: one job, from a composed config to ``metrics.json``. ``run.py`` is a thin Hydra wrapper around it."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import ModelCheckpoint
+
+from lqf_exp.data import ClassificationDataModule
+from lqf_exp.methods import ClassifierModule
+from lqf_exp.models import save_network_checkpoint
+from lqf_exp.results import METRICS_FILE, atomic_write_json, atomic_write_text, read_metrics, write_error
+from lqf_exp.tracking import build_loggers, finishing_wandb, instantiate_collection, log_config
+from lqf_exp.validation import validate_config
+
+log = logging.getLogger(__name__)
+
+SOURCE_CHECKPOINT = "source_model.pt"
+
+
+def run_factors(cfg: DictConfig) -> dict[str, Any]:
+    """The factors people compare runs by; they go into ``metrics.json`` and the W&B config."""
+    return {
+        "task": cfg.task.name,
+        "model": cfg.model.arch,
+        "weights": cfg.model.get("weights"),
+        "activation": cfg.activation.name,
+        "loss": cfg.loss._target_.rsplit(".", 1)[-1],
+        "precond": cfg.precond.name,
+        "method": cfg.method._target_.rsplit(".", 1)[-1],
+        "data": cfg.data.name,
+        "shots": cfg.data.get("shots"),
+        "seed": cfg.seed,
+    }
+
+
+def _last_checkpoint(output_dir: Path) -> str | None:
+    last = output_dir / "checkpoints" / "last.ckpt"
+    return str(last) if last.is_file() else None
+
+
+def _build_module(cfg: DictConfig, datamodule: ClassificationDataModule) -> ClassifierModule:
+    net = instantiate(cfg.model, activation=OmegaConf.to_container(cfg.activation), num_classes=datamodule.num_classes)
+    loss_fn = instantiate(cfg.loss)
+    scheduler = instantiate(cfg.schedule) if cfg.get("schedule") else None
+    return instantiate(
+        cfg.method,
+        net=net,
+        loss_fn=loss_fn,
+        num_classes=datamodule.num_classes,
+        optimizer=instantiate(cfg.optim),
+        scheduler=scheduler,
+        hparams=run_factors(cfg),
+        _recursive_=False,
+        _convert_="all",
+    )
+
+
+def _final_metrics(trainer: pl.Trainer, fit_metrics: dict[str, Any], test_metrics: dict[str, Any]) -> dict[str, float]:
+    merged = {**fit_metrics, **test_metrics}
+    return {key: float(value) for key, value in sorted(merged.items()) if key.startswith(("val/", "test/"))}
+
+
+def _print_summary(factors: dict[str, Any], metrics: dict[str, float], output_dir: Path) -> None:
+    rows = [("run", " ".join(f"{k}={v}" for k, v in factors.items()))]
+    rows += [(key, f"{value:.4f}") for key, value in metrics.items()]
+    width = max(len(key) for key, _ in rows)
+    print("\n".join(f"{key:<{width}}  {value}" for key, value in rows))
+    if "test/acc" in metrics:
+        print(f"Final test accuracy: {metrics['test/acc']:.4f}   (results in {output_dir / METRICS_FILE})")
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Train and test one configuration; return (and write) its metrics. Idempotent per output dir."""
+    validate_config(cfg)
+    output_dir = Path(cfg.paths.output_dir)
+    factors = run_factors(cfg)
+    if cfg.get("skip_finished", True) and (previous := read_metrics(output_dir)) is not None:
+        log.info("%s already holds a finished run; skipping it (skip_finished=false re-runs it)", output_dir)
+        return previous
+    output_dir.mkdir(parents=True, exist_ok=True)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    atomic_write_text(output_dir / "config_resolved.yaml", OmegaConf.to_yaml(resolved))
+    loggers = build_loggers(cfg, str(output_dir))
+    with finishing_wandb(loggers):
+        try:
+            return _train_and_test(cfg, output_dir, factors, resolved, loggers)
+        except Exception as error:
+            write_error(output_dir, error, factors)
+            raise
+
+
+def _train_and_test(
+    cfg: DictConfig, output_dir: Path, factors: dict[str, Any], resolved: dict[str, Any], loggers: list
+) -> dict[str, Any]:
+    started = time.time()
+    pl.seed_everything(cfg.seed, workers=True)
+    datamodule: ClassificationDataModule = instantiate(cfg.data)
+    datamodule.setup("fit")  # bad roots and impossible `shots` fail here, before any model is built
+    module = _build_module(cfg, datamodule)
+    callbacks = instantiate_collection(cfg.get("callbacks"))
+    if cfg.precond.get("callback"):
+        callbacks.append(instantiate(cfg.precond.callback))
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    log_config(loggers, {**resolved, "factors": factors, "data_summary": datamodule.describe()})
+
+    resume_from = _last_checkpoint(output_dir) if cfg.get("resume", True) else None
+    if resume_from:
+        log.info("Resuming from %s", resume_from)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
+    fit_metrics = dict(trainer.callback_metrics)
+
+    checkpoint = next((cb for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint)), None)
+    best = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
+    test_results = trainer.test(module, datamodule=datamodule, ckpt_path=best, weights_only=True, verbose=False)
+    metrics = _final_metrics(trainer, fit_metrics, test_results[0] if test_results else {})
+
+    if cfg.task.name == "pretrain" and trainer.is_global_zero:
+        _export_source_model(cfg, module, metrics, output_dir)
+    payload = {
+        "status": "finished",
+        "run_name": cfg.get("run_name"),
+        "factors": factors,
+        "metrics": metrics,
+        "best_checkpoint": best,
+        "data": datamodule.describe(),
+        "epochs": trainer.current_epoch,
+        "duration_s": round(time.time() - started, 2),
+        "output_dir": str(output_dir),
+        "device": "cuda" if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else "cpu",
+    }
+    if trainer.is_global_zero:
+        atomic_write_json(output_dir / METRICS_FILE, payload)
+        _print_summary(factors, metrics, output_dir)
+    return payload
+
+
+def _export_source_model(
+    cfg: DictConfig, module: ClassifierModule, metrics: dict[str, float], output_dir: Path
+) -> None:
+    meta = {"data": cfg.data.name, "classes": list(cfg.data.get("classes") or []), "test_acc": metrics.get("test/acc")}
+    targets = [output_dir / SOURCE_CHECKPOINT]
+    if cfg.task.get("export_path"):
+        targets.append(Path(cfg.task.export_path))
+    for path in targets:
+        save_network_checkpoint(module.net, path, arch=cfg.model.arch, activation_name=cfg.activation.name, meta=meta)
+        log.info("Saved the source network to %s", path)

@@ -1,0 +1,66 @@
+"""Early, explicit checks of config values, so a bad value fails before any data or weights are loaded."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A config value is out of range; the message names the key, the value and what would be valid."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    key: str
+    valid: Callable[[Any], bool]
+    expected: str
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+RULES: tuple[Rule, ...] = (
+    Rule("seed", _is_int, "an integer"),
+    Rule("optim.lr", lambda v: _is_number(v) and v > 0, "a number > 0"),
+    Rule("optim.weight_decay", lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+    Rule("optim.momentum", lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    Rule("activation.name", lambda v: v in ("relu", "leaky_relu"), "one of relu, leaky_relu"),
+    Rule("activation.negative_slope", lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    Rule("loss.target_scale", lambda v: _is_number(v) and v > 0, "a number > 0"),
+    Rule("data.shots", lambda v: v is None or (_is_int(v) and v >= 1), "null or an integer >= 1"),
+    Rule("data.batch_size", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    Rule("data.num_workers", lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    Rule("data.train_per_class", lambda v: v is None or (_is_int(v) and v >= 1), "null or an integer >= 1"),
+    Rule("trainer.max_epochs", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    Rule("precond.callback.damping", lambda v: _is_number(v) and v > 0, "a number > 0"),
+    Rule("precond.callback.num_batches", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    Rule("precond.callback.mc_samples", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    Rule("precond.callback.update_every", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    Rule("precond.callback.fisher_type", lambda v: v in ("type2", "mc", "empirical"), "one of type2, mc, empirical"),
+    Rule("precond.callback.kfac_approx", lambda v: v in ("expand", "reduce"), "one of expand, reduce"),
+    Rule("method.linearize", lambda v: isinstance(v, str) and v != "", "'all', 'head' or a block name"),
+    Rule("method.head_init", lambda v: v in ("probe", "random"), "one of probe, random"),
+    Rule("method.bn_affine", lambda v: v in ("freeze", "linearize"), "one of freeze, linearize"),
+    Rule("task.name", lambda v: v in ("finetune", "pretrain"), "one of finetune, pretrain"),
+)
+
+_MISSING = object()
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Raise ``ConfigError`` for the first value outside its valid range; keys absent from ``cfg`` are skipped."""
+    for rule in RULES:
+        value = OmegaConf.select(cfg, rule.key, default=_MISSING, throw_on_missing=False)
+        if value is _MISSING:
+            continue
+        if not rule.valid(value):
+            raise ConfigError(f"invalid config value {rule.key}={value!r}: expected {rule.expected}")

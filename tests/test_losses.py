@@ -1,0 +1,35 @@
+"""The two losses: values against hand-computed ones, and the MSE's quadratic form."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lqf_exp.losses import CrossEntropyLoss, ScaledMSELoss
+
+
+def test_mse_is_mean_over_batch_of_sum_over_classes() -> None:
+    logits = torch.tensor([[1.0, 2.0, 3.0], [0.0, -1.0, 4.0]], dtype=torch.float64)
+    labels = torch.tensor([2, 0])
+    expected = ((1 - 0) ** 2 + (2 - 0) ** 2 + (3 - 15) ** 2 + (0 - 15) ** 2 + 1 + 16) / 2
+    assert ScaledMSELoss(15.0)(logits, labels).item() == pytest.approx(expected, rel=1e-15)
+
+
+def test_mse_hessian_in_outputs_is_two_over_n() -> None:
+    logits = torch.randn(4, 3, dtype=torch.float64)
+    labels = torch.tensor([0, 1, 2, 1])
+    hessian = torch.autograd.functional.hessian(lambda z: ScaledMSELoss(15.0)(z, labels), logits)
+    expected = torch.eye(12, dtype=torch.float64).reshape(4, 3, 4, 3) * 2 / 4
+    torch.testing.assert_close(hessian, expected, rtol=0, atol=1e-14)
+
+
+def test_ce_matches_torch() -> None:
+    logits, labels = torch.randn(5, 4), torch.tensor([0, 3, 2, 1, 1])
+    assert CrossEntropyLoss()(logits, labels).item() == pytest.approx(F.cross_entropy(logits, labels).item())
+    assert CrossEntropyLoss.kind == "ce" and ScaledMSELoss.kind == "mse"
+
+
+def test_target_scale_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="target_scale"):
+        ScaledMSELoss(0.0)

@@ -1,0 +1,92 @@
+"""End-to-end jobs through ``lqf_exp.pipeline.run``, the function the CLI calls."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from lqf_exp.pipeline import run
+from lqf_exp.results import ERROR_FILE, METRICS_FILE, atomic_write_json
+
+from .conftest import SMOKE
+
+FACTOR_KEYS = {"task", "model", "weights", "activation", "loss", "precond", "method", "data", "shots", "seed"}
+
+
+@pytest.mark.parametrize("method", ["finetune", "probe"])
+@pytest.mark.parametrize("loss", ["ce", "mse"])
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu"])
+def test_one_batch_run(method: str, loss: str, activation: str, make_cfg, tmp_path: Path) -> None:
+    cfg = make_cfg([*SMOKE, f"method={method}", f"loss={loss}", f"activation={activation}"])
+    payload = run(cfg)
+    written = json.loads((tmp_path / "run" / METRICS_FILE).read_text())
+    assert written == json.loads(json.dumps(payload, default=str))
+    assert written["status"] == "finished"
+    assert set(written["factors"]) == FACTOR_KEYS
+    assert written["factors"]["method"] == {"finetune": "FineTune", "probe": "Probe"}[method]
+    assert written["factors"]["activation"] == activation
+    assert 0.0 <= written["metrics"]["test/acc"] <= 1.0
+    assert {"val/acc", "val/loss", "test/acc", "test/loss"} <= set(written["metrics"])
+    assert (tmp_path / "run" / "config_resolved.yaml").is_file()
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_probe_trains_only_the_head(make_cfg) -> None:
+    from hydra.utils import instantiate
+
+    from lqf_exp.pipeline import _build_module
+
+    cfg = make_cfg([*SMOKE, "method=probe"])
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("fit")
+    module = _build_module(cfg, datamodule)
+    trainable = {name for name, p in module.named_parameters() if p.requires_grad}
+    assert trainable == {"net.fc.weight", "net.fc.bias"}
+    module.train()
+    assert not any(m.training for m in module.net.modules())
+
+
+def test_finished_run_is_skipped_and_rerun_resumes(make_cfg, tmp_path: Path, caplog) -> None:
+    cfg = make_cfg([*SMOKE, "skip_finished=true", "resume=true", "trainer.limit_train_batches=2"])
+    first = run(cfg)
+    metrics_path = tmp_path / "run" / METRICS_FILE
+    stamp = metrics_path.stat().st_mtime_ns
+    assert run(cfg) == json.loads(metrics_path.read_text())
+    assert metrics_path.stat().st_mtime_ns == stamp  # skipped: nothing rewritten
+
+    # An interrupted run (checkpoint, no metrics) resumes from last.ckpt and trains only the missing epoch.
+    metrics_path.unlink()
+    cfg2 = make_cfg([*SMOKE, "resume=true", "trainer.max_epochs=2", "trainer.limit_train_batches=2"])
+    with caplog.at_level(logging.INFO):
+        second = run(cfg2)
+    assert f"Resuming from {tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}" in caplog.text
+    assert second["epochs"] == 2 and first["epochs"] == 1
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 4  # 2 steps before the interruption + 2 after, none repeated
+
+
+def test_failed_run_records_its_error(make_cfg, tmp_path: Path) -> None:
+    cfg = make_cfg([*SMOKE, "data.shots=100000"])
+    with pytest.raises(ValueError, match="100000"):
+        run(cfg)
+    error = json.loads((tmp_path / "run" / ERROR_FILE).read_text())
+    assert error["status"] == "failed" and "100000" in error["error"]
+    assert not (tmp_path / "run" / METRICS_FILE).exists()
+
+
+def test_atomic_write_leaves_old_file_when_interrupted(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / METRICS_FILE
+    atomic_write_json(path, {"status": "finished", "a": 1})
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("lqf_exp.results.os.replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write_json(path, {"status": "finished", "a": 2})
+    assert json.loads(path.read_text()) == {"status": "finished", "a": 1}
+    assert list(tmp_path.iterdir()) == [path]
