@@ -9,7 +9,8 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from hydra.utils import instantiate
+from hydra.errors import InstantiationException
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
@@ -26,19 +27,36 @@ SOURCE_CHECKPOINT = "source_model.pt"
 
 
 def run_factors(cfg: DictConfig) -> dict[str, Any]:
-    """The factors people compare runs by; they go into ``metrics.json`` and the W&B config."""
+    """The factors people compare runs by; they go into ``metrics.json``, the W&B config and sweep reports."""
     return {
         "task": cfg.task.name,
+        "recipe": cfg.get("recipe"),
         "model": cfg.model.arch,
         "weights": cfg.model.get("weights"),
         "activation": cfg.activation.name,
-        "loss": cfg.loss._target_.rsplit(".", 1)[-1],
+        "loss": get_class(cfg.loss._target_).kind,
         "precond": cfg.precond.name,
-        "method": cfg.method._target_.rsplit(".", 1)[-1],
+        "method": get_class(cfg.method._target_).method_name,
+        "linearize": cfg.method.get("linearize"),
         "data": cfg.data.name,
         "shots": cfg.data.get("shots"),
+        "lr": cfg.optim.lr,
+        "momentum": cfg.optim.get("momentum", 0.0),
+        "weight_decay": cfg.optim.get("weight_decay", 0.0),
+        "batch_size": cfg.data.batch_size,
         "seed": cfg.seed,
     }
+
+
+def build(node: DictConfig, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate``, but a bad value surfaces as the constructor's own error (which names the value
+    and what would be valid) instead of Hydra's wrapper around it."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as error:
+        if isinstance(error.__cause__, ValueError | FileNotFoundError | RuntimeError):
+            raise error.__cause__ from None
+        raise
 
 
 def _last_checkpoint(output_dir: Path) -> str | None:
@@ -47,10 +65,12 @@ def _last_checkpoint(output_dir: Path) -> str | None:
 
 
 def _build_module(cfg: DictConfig, datamodule: ClassificationDataModule) -> ClassifierModule:
-    net = instantiate(cfg.model, activation=OmegaConf.to_container(cfg.activation), num_classes=datamodule.num_classes)
+    # Seeded here so that a randomly initialized w0 (and head) is a function of the seed, hence rebuildable.
+    torch.manual_seed(cfg.seed)
+    net = build(cfg.model, activation=OmegaConf.to_container(cfg.activation), num_classes=datamodule.num_classes)
     loss_fn = instantiate(cfg.loss)
     scheduler = instantiate(cfg.schedule) if cfg.get("schedule") else None
-    return instantiate(
+    return build(
         cfg.method,
         net=net,
         loss_fn=loss_fn,
@@ -102,12 +122,12 @@ def _train_and_test(
 ) -> dict[str, Any]:
     started = time.time()
     pl.seed_everything(cfg.seed, workers=True)
-    datamodule: ClassificationDataModule = instantiate(cfg.data)
+    datamodule: ClassificationDataModule = build(cfg.data)
     datamodule.setup("fit")  # bad roots and impossible `shots` fail here, before any model is built
     module = _build_module(cfg, datamodule)
     callbacks = instantiate_collection(cfg.get("callbacks"))
     if cfg.precond.get("callback"):
-        callbacks.append(instantiate(cfg.precond.callback))
+        callbacks.append(build(cfg.precond.callback))
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     log_config(loggers, {**resolved, "factors": factors, "data_summary": datamodule.describe()})
 

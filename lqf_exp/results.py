@@ -6,26 +6,39 @@ import json
 import os
 import tempfile
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 METRICS_FILE = "metrics.json"
 ERROR_FILE = "error.json"
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` so that a reader sees the old file or the whole new one, never a truncated file."""
+@contextmanager
+def atomic_file(path: Path, mode: str = "w") -> Iterator[IO[Any]]:
+    """Open a temporary file beside ``path``; on success it replaces ``path`` whole, on error it is removed.
+
+    A reader sees the old file or the complete new one, never a truncated file, even if the writer is killed.
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; results and checkpoints are meant to be read
+        with os.fdopen(fd, mode) as handle:
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    with atomic_file(path, "w") as handle:
+        handle.write(text)
 
 
 def atomic_write_json(path: Path, payload: dict[str, Any]) -> None:

@@ -48,7 +48,11 @@ RULES: tuple[Rule, ...] = (
     Rule("precond.callback.fisher_type", lambda v: v in ("type2", "mc", "empirical"), "one of type2, mc, empirical"),
     Rule("precond.callback.kfac_approx", lambda v: v in ("expand", "reduce"), "one of expand, reduce"),
     Rule("method.linearize", lambda v: isinstance(v, str) and v != "", "'all', 'head' or a block name"),
-    Rule("method.head_init", lambda v: v in ("probe", "random"), "one of probe, random"),
+    Rule(
+        "method.head_init",
+        lambda v: v in ("probe", "random"),
+        "one of probe, random (a zero head would make the backbone's Jacobian zero, so only the head would learn)",
+    ),
     Rule("method.bn_affine", lambda v: v in ("freeze", "linearize"), "one of freeze, linearize"),
     Rule("task.name", lambda v: v in ("finetune", "pretrain"), "one of finetune, pretrain"),
 )

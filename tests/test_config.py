@@ -19,7 +19,6 @@ OPTIONS = [
     for path in sorted((CONFIG_DIR / group).glob("*.yaml"))
     if not (group == "trainer" and path.stem == "default")
 ]
-PREFIX = {"experiment": "+experiment", "debug": "+debug"}
 
 
 def test_every_group_has_options() -> None:

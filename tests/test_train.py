@@ -14,7 +14,10 @@ from lqf_exp.results import ERROR_FILE, METRICS_FILE, atomic_write_json
 
 from .conftest import SMOKE
 
-FACTOR_KEYS = {"task", "model", "weights", "activation", "loss", "precond", "method", "data", "shots", "seed"}
+FACTOR_KEYS = {
+    "task", "recipe", "model", "weights", "activation", "loss", "precond", "method", "linearize", "data", "shots",
+    "lr", "momentum", "weight_decay", "batch_size", "seed",
+}
 
 
 @pytest.mark.parametrize("method", ["finetune", "probe"])
@@ -27,7 +30,7 @@ def test_one_batch_run(method: str, loss: str, activation: str, make_cfg, tmp_pa
     assert written == json.loads(json.dumps(payload, default=str))
     assert written["status"] == "finished"
     assert set(written["factors"]) == FACTOR_KEYS
-    assert written["factors"]["method"] == {"finetune": "FineTune", "probe": "Probe"}[method]
+    assert written["factors"]["method"] == method and written["factors"]["loss"] == loss
     assert written["factors"]["activation"] == activation
     assert 0.0 <= written["metrics"]["test/acc"] <= 1.0
     assert {"val/acc", "val/loss", "test/acc", "test/loss"} <= set(written["metrics"])

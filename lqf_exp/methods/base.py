@@ -95,6 +95,10 @@ class ClassifierModule(pl.LightningModule):
         self.log(f"{split}/acc", accuracy, on_epoch=True, prog_bar=True)
         return loss
 
+    def on_train_start(self) -> None:
+        # The sanity-check validation must not count as the best epoch.
+        self.val_acc_best.reset()
+
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         return self._evaluate(batch, "val", self.val_acc)
 

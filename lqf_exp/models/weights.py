@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,8 @@ from urllib.parse import urlparse
 import torch
 from torch import Tensor, nn
 from torchvision.models import WeightsEnum
+
+from lqf_exp.results import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -177,14 +178,6 @@ def save_network_checkpoint(
         "activation": str(activation_name),
         "meta": dict(meta),
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)  # readers see either the old file or the complete new one
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path, "wb") as handle:  # readers see either the old file or the complete new one
+        torch.save(payload, handle)
     return path
