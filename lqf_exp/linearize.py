@@ -1,0 +1,212 @@
+"""The linearized network of LQF: ``f_lin(x) = f(x; w0) + J(x; w0)·δ`` with trainable ``δ``.
+
+One forward pass carries the primal activations (at w0) together with the tangent along δ, using PyTorch
+forward-mode AD over :func:`torch.func.functional_call`; the backward pass then differentiates the tangent
+with respect to δ (reverse-over-forward). ``benchmarks/README.md`` gives the cost against fine-tuning.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.nn.modules.batchnorm import _BatchNorm
+
+__all__ = ["LinearizedNetwork", "zero_gradient_fraction"]
+
+_BN_AFFINE = ("freeze", "linearize")
+
+
+def _delta_key(name: str) -> str:
+    # ParameterDict keys cannot contain dots.
+    return name.replace(".", "__")
+
+
+class LinearizedNetwork(nn.Module):
+    """First-order Taylor expansion of ``net`` around its weights ``w0``, trained through ``δ = w − w0``.
+
+    Args:
+        net: the network at w0 (e.g. pretrained backbone plus a probe-initialized ``fc`` head). The wrapper
+            takes ownership: its parameters are frozen in place (``requires_grad=False``, kept as
+            ``nn.Parameter`` so DDP does not re-broadcast them each step) and it stays in eval mode for good.
+        linearize: which parameters get a δ. ``"all"`` (default): every parameter. ``"head"``: only the head
+            module (the paper's "LQF FC"). The name of a top-level child (``"layer3"``, ``"layer4"``...): that
+            child and every later child in forward order; earlier children form a frozen feature extractor
+            that carries no tangent and records no autograd graph (nothing there requires grad).
+        bn_affine: ``"freeze"`` (default): BatchNorm γ/β stay at w0 and get no δ, so every δ belongs to a
+            ``Conv2d``/``Linear`` layer, exactly the layers K-FAC preconditions (γ/β are few and the GaF
+            forward pass LQF builds on folds BN into the convs anyway). ``"linearize"``: γ/β get δs too.
+        head_name: attribute name of the final linear layer.
+
+    BatchNorm always runs in eval mode with frozen running statistics (``train()`` is overridden), so
+    ``f_lin`` is a fixed per-sample function that is exactly linear in δ. Only the δs (``self.deltas``) require
+    grad; dtype and device follow the module (``.double()``, ``.to(device)``).
+    """
+
+    def __init__(
+        self, net: nn.Module, linearize: str = "all", bn_affine: str = "freeze", head_name: str = "fc"
+    ) -> None:
+        super().__init__()
+        if bn_affine not in _BN_AFFINE:
+            raise ValueError(f"bn_affine must be one of {_BN_AFFINE}, got {bn_affine!r}")
+        self.linearize = linearize
+        self.bn_affine = bn_affine
+        self.head_name = head_name
+        self.net = net.eval()
+        for p in net.parameters():
+            p.requires_grad_(False)
+
+        children = [n for n, _ in net.named_children()]
+        start = head_name if linearize == "head" else linearize
+        if linearize == "all":
+            self.linearized_blocks: list[str] = children
+        elif start in children:
+            self.linearized_blocks = children[children.index(start) :]
+        else:
+            raise ValueError(
+                f"Unknown linearize={linearize!r}; valid: 'all', 'head', or a top-level child of the "
+                f"network: {children}"
+            )
+        frozen_bn = set()
+        if bn_affine == "freeze":
+            frozen_bn = {n for n, m in net.named_modules() if isinstance(m, _BatchNorm)}
+        names = []
+        for name, _ in net.named_parameters():
+            module_name, _, _ = name.rpartition(".")
+            if name.split(".")[0] in self.linearized_blocks and module_name not in frozen_bn:
+                names.append(name)
+        if not names:
+            raise ValueError(f"linearize={linearize!r} selects no parameter to train")
+        self._names: list[str] = names
+        self._check_head()
+        params = dict(net.named_parameters())
+        # An OrderedDict keeps forward order (a plain dict would be sorted by key).
+        self.deltas = nn.ParameterDict(
+            OrderedDict((_delta_key(n), nn.Parameter(torch.zeros_like(params[n]))) for n in names)
+        )
+        self._order_checked = False
+
+    def _check_head(self) -> None:
+        head = getattr(self.net, self.head_name, None)
+        if self.linearize == "head" and not isinstance(head, nn.Module):
+            raise ValueError(f"linearize='head' needs a head module net.{self.head_name}")
+        weight = getattr(head, "weight", None)
+        backbone = any(not n.startswith(self.head_name + ".") for n in self._names)
+        if backbone and isinstance(weight, Tensor) and not bool(weight.detach().any()):
+            raise ValueError(
+                f"The base head net.{self.head_name}.weight is all zeros. Every backbone direction of the "
+                "Jacobian passes through the head, so a zero head makes J zero for all backbone weights and "
+                "only the head would learn (LQF would collapse to a linear probe). Initialize the head with "
+                "lqf_exp.head_init.init_head (probe or random) before linearizing."
+            )
+
+    # ---- mode handling -------------------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> LinearizedNetwork:
+        """Set ``self.training`` but keep the wrapped network in eval mode (frozen BN statistics)."""
+        super().train(mode)
+        self.net.eval()
+        return self
+
+    # ---- δ access ----------------------------------------------------------------------------------------
+    @property
+    def linearized_names(self) -> list[str]:
+        """Names (in ``net.named_parameters()``) of the parameters that have a δ."""
+        return list(self._names)
+
+    def delta_named(self) -> dict[str, nn.Parameter]:
+        """Map original parameter name (e.g. ``layer1.0.conv1.weight``) to its δ."""
+        return {n: self.deltas[_delta_key(n)] for n in self._names}
+
+    def curvature_layers(self) -> dict[str, tuple[Tensor, Tensor | None]]:
+        """Map each ``Linear``/``Conv2d`` module of ``base_network`` with a weight δ to ``(δ_weight, δ_bias)``.
+
+        This is the ``layers`` field of :class:`lqf_exp.methods.curvature.CurvatureTargets` for LQF.
+        """
+        deltas = self.delta_named()
+        out: dict[str, tuple[Tensor, Tensor | None]] = {}
+        for name, module in self.net.named_modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d)) and f"{name}.weight" in deltas:
+                out[name] = (deltas[f"{name}.weight"], deltas.get(f"{name}.bias"))
+        return out
+
+    @property
+    def base_network(self) -> nn.Module:
+        """The wrapped network at w0 (eval mode, frozen); its GGN is the LQF curvature."""
+        return self.net
+
+    def apply_to_base(self, x: Tensor) -> Tensor:
+        """``f(x; w0)``."""
+        return self.net(x)
+
+    # ---- forward -----------------------------------------------------------------------------------------
+    def forward_with_primal(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Return ``(f(x; w0), J(x; w0)·δ)``; the first is detached, the second is differentiable in δ."""
+        if torch.is_inference_mode_enabled():
+            # Forward-mode AD silently drops tangents under inference mode: f_lin would quietly become f(x; w0).
+            raise RuntimeError(
+                "LinearizedNetwork cannot run under torch.inference_mode(); use torch.no_grad() "
+                "(Lightning: Trainer(inference_mode=False), as conf/trainer/default.yaml sets)"
+            )
+        params = dict(self.net.named_parameters())
+        calls: list[str] = []
+        handles = [] if self._order_checked else self._record_calls(calls)
+        try:
+            with fwAD.dual_level():
+                duals = {n: fwAD.make_dual(params[n], self.deltas[_delta_key(n)]) for n in self._names}
+                out = functional_call(self.net, duals, (x,), strict=False)
+                primal, tangent = fwAD.unpack_dual(out)
+        finally:
+            for h in handles:
+                h.remove()
+        if handles:
+            self._check_forward_order(calls)
+        if tangent is None:  # output does not depend on any linearized parameter
+            tangent = torch.zeros_like(primal)
+        return primal.detach(), tangent
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``f_lin(x) = f(x; w0) + J(x; w0)·δ``."""
+        primal, tangent = self.forward_with_primal(x)
+        return primal + tangent
+
+    def _record_calls(self, calls: list[str]) -> list:
+        return [
+            m.register_forward_pre_hook(lambda _m, _i, n=n: calls.append(n))
+            for n, m in self.net.named_children()
+            if any(True for _ in m.parameters())
+        ]
+
+    def _check_forward_order(self, calls: list[str]) -> None:
+        """On the first forward: no frozen-prefix child with parameters may run after a linearized child.
+
+        ``named_children`` order is registration order, not necessarily call order; if the prefix were not a
+        prefix, frozen parameters would sit inside the linearized part, which is not what ``linearize`` means.
+        """
+        first = next((i for i, n in enumerate(calls) if n in self.linearized_blocks), len(calls))
+        late = [n for n in calls[first:] if n not in self.linearized_blocks]
+        if late:
+            raise RuntimeError(
+                f"linearize={self.linearize!r}: frozen children {late} run after the first linearized child "
+                f"{calls[first]!r} (call order {calls}); choose an earlier block or 'all'"
+            )
+        self._order_checked = True
+
+
+def zero_gradient_fraction(
+    linearized_net: LinearizedNetwork, x: Tensor, y: Tensor, loss_fn: Callable[[Tensor, Tensor], Tensor]
+) -> float:
+    """Fraction of backbone δ entries (all δs except the head's) whose gradient of ``loss_fn(f_lin(x), y)`` is
+    exactly zero: e.g. filters behind dead ReLUs, which the linearized model can never train."""
+    head = linearized_net.head_name + "."
+    named = {n: d for n, d in linearized_net.delta_named().items() if not n.startswith(head)}
+    if not named:
+        raise ValueError("the linearized network has no backbone δ")
+    loss = loss_fn(linearized_net(x), y)
+    grads = torch.autograd.grad(loss, list(named.values()), allow_unused=True)
+    pairs = zip(named.values(), grads, strict=True)
+    zeros = sum(int(d.numel()) if g is None else int((g == 0).sum()) for d, g in pairs)
+    return zeros / sum(d.numel() for d in named.values())

@@ -1,0 +1,113 @@
+"""method=lqf through Lightning: what is trained, what stays frozen, checkpoints, head initialization."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from lqf_exp.methods import LQF
+from lqf_exp.pipeline import _build_module, run
+
+from .conftest import SMOKE
+
+LQF_SMOKE = [*SMOKE, "method=lqf", "optim.lr=1e-5"]
+
+
+def build(make_cfg, overrides: list[str]) -> tuple[LQF, object]:
+    cfg = make_cfg(overrides)
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("fit")
+    return _build_module(cfg, datamodule), datamodule
+
+
+@pytest.mark.parametrize("loss", ["mse", "ce"])
+def test_one_batch_lqf_run(loss: str, make_cfg, tmp_path: Path) -> None:
+    payload = run(make_cfg([*LQF_SMOKE, f"loss={loss}"]))
+    assert payload["factors"]["method"] == "lqf"
+    assert 0 <= payload["metrics"]["test/acc"] <= 1
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "finished"
+
+
+def test_only_delta_is_trainable_and_optimizer_adds_no_decay(make_cfg) -> None:
+    module, _ = build(make_cfg, [*LQF_SMOKE, "optim.weight_decay=1e-3"])
+    trainable = {name for name, p in module.named_parameters() if p.requires_grad}
+    assert trainable and all(name.startswith("net.deltas.") for name in trainable)
+    optimizer = module.configure_optimizers()["optimizer"]
+    assert all(group["weight_decay"] == 0.0 for group in optimizer.param_groups)
+    assert module.damping_offset == pytest.approx(1e-3)
+
+
+def test_objective_adds_half_lambda_delta_squared(make_cfg) -> None:
+    module, _ = build(make_cfg, [*LQF_SMOKE, "loss=mse", "optim.weight_decay=0.5"])
+    for delta in module.linearized.deltas.values():
+        torch.nn.init.constant_(delta, 0.1)
+    logits, labels = torch.randn(4, 10), torch.tensor([0, 1, 2, 3])
+    numel = sum(d.numel() for d in module.linearized.deltas.values())
+    expected = module.loss_fn(logits, labels) + 0.5 * 0.5 * 0.01 * numel
+    torch.testing.assert_close(module.objective(logits, labels), expected)
+
+
+def test_w0_and_bn_statistics_unchanged_by_training(make_cfg, tmp_path: Path) -> None:
+    cfg = make_cfg([*LQF_SMOKE, "loss=mse", "trainer.limit_train_batches=3", "optim.lr=1e-4"])
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("fit")
+    module = _build_module(cfg, datamodule)
+    trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+    module.trainer = trainer  # head initialization reads the datamodule from the trainer
+    trainer.datamodule = datamodule
+    before = {k: v.clone() for k, v in module.linearized.base_network.state_dict().items()}
+    deltas_before = {k: v.clone() for k, v in module.linearized.deltas.items()}
+    trainer.fit(module, datamodule=datamodule)
+    after = module.linearized.base_network.state_dict()
+    head = {"fc.weight", "fc.bias"}  # fitted by head_init before training, then frozen like the rest of w0
+    assert all(torch.equal(before[k], after[k]) for k in before if k not in head)
+    assert any(not torch.equal(deltas_before[k], v) for k, v in module.linearized.deltas.items())
+    assert not any(m.training for m in module.linearized.base_network.modules())
+
+
+def test_checkpoint_holds_delta_not_w0_and_reload_reproduces_predictions(make_cfg, tmp_path: Path) -> None:
+    cfg_overrides = [*LQF_SMOKE, "loss=mse", "optim.lr=1e-4", "trainer.limit_train_batches=2"]
+    run(make_cfg(cfg_overrides))
+    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    keys = set(checkpoint["state_dict"])
+    assert keys == {k for k in keys if k.startswith(("net.deltas.", "net.net.fc."))} | {"head_ready"}
+    assert checkpoint["lqf_w0_source"] == {"model": "small_resnet", "weights": None, "activation": "leaky_relu"}
+
+    trained, datamodule = build(make_cfg, cfg_overrides)
+    trained.on_load_checkpoint(checkpoint)
+    trained.load_state_dict(checkpoint["state_dict"])
+    fresh, _ = build(make_cfg, cfg_overrides)
+    again = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    fresh.on_load_checkpoint(again)
+    fresh.load_state_dict(again["state_dict"])
+    images, _ = next(iter(datamodule.test_dataloader()))
+    with torch.no_grad():
+        assert torch.equal(trained(images), fresh(images))
+        assert not torch.equal(trained(images), trained.linearized.apply_to_base(images))  # δ ≠ 0 was restored
+
+
+def test_checkpoint_of_another_w0_is_refused(make_cfg, tmp_path: Path) -> None:
+    run(make_cfg([*LQF_SMOKE, "loss=mse"]))
+    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    other, _ = build(make_cfg, [*LQF_SMOKE, "loss=mse", "activation=relu"])
+    with pytest.raises(ValueError, match="linearized around"):
+        other.on_load_checkpoint(checkpoint)
+
+
+def test_zero_head_is_refused_with_the_reason(make_cfg) -> None:
+    from lqf_exp.validation import ConfigError, validate_config
+
+    with pytest.raises(ConfigError, match="Jacobian zero"):
+        validate_config(make_cfg([*LQF_SMOKE, "method.head_init=zero"]))
+    with pytest.raises(ValueError, match="only the head would learn"):
+        build(make_cfg, [*LQF_SMOKE, "method.head_init=zero"])
+
+
+def test_linearize_from_a_block(make_cfg) -> None:
+    module, _ = build(make_cfg, [*LQF_SMOKE, "method.linearize=layer3"])
+    names = module.linearized.linearized_names
+    assert names and all(n.startswith(("layer3.", "fc.")) for n in names)
