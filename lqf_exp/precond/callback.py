@@ -1,0 +1,222 @@
+"""Lightning callback that preconditions the gradients of a method's curvature targets with damped K-FAC."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import rank_zero_info
+from torch import Tensor, nn
+from torch.utils.data import DistributedSampler
+from tqdm.auto import tqdm
+
+from lqf_exp.methods.curvature import CurvatureTargets
+from lqf_exp.precond.factors import FISHER_TYPES, KFAC_APPROXES, LOSSES, FactorAccumulator, _check_choice
+from lqf_exp.precond.inverse import KroneckerInverse, check_damping, precondition_layer
+
+Factors = dict[str, tuple[Tensor, Tensor]]
+
+
+@contextmanager
+def _eval_mode(network: nn.Module) -> Iterator[None]:
+    """Evaluate the curvature in eval mode (no BN statistics update, no dropout), then restore every module."""
+    modes = {m: m.training for m in network.modules()}
+    network.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+def _split_batch(batch: Any) -> tuple[Tensor, Tensor | None]:
+    if isinstance(batch, list | tuple):
+        return batch[0], (batch[1] if len(batch) > 1 else None)
+    return batch, None
+
+
+class KFACPreconditioner(pl.Callback):
+    """Replaces the gradients of ``pl_module.curvature_targets().layers`` by ``(G ⊗ A + γI)⁻¹ g`` before each step.
+
+    ``γ = damping + pl_module.damping_offset`` (the weight decay the method applies toward w0; 0 if absent).
+    Factors come from ``num_batches`` batches of ``trainer.datamodule.train_dataloader()`` at fit start (sharded
+    across ranks and all-reduced under DDP). If the curvature is not constant they are recomputed every
+    ``update_every`` optimizer steps from the training batches of the ``min(num_batches, update_every)`` steps
+    that precede the refresh. The loss kind comes from ``pl_module.loss_fn.kind`` (``mse``/``ce``) and the MSE
+    target scale from ``pl_module.loss_fn.target_scale``. Gradients of trainable tensors that are not targets
+    are left as they are. ``save_factors`` puts the factors in checkpoints (else they are recomputed on resume).
+    """
+
+    def __init__(
+        self,
+        fisher_type: str = "type2",
+        mc_samples: int = 1,
+        damping: float = 1e-3,
+        num_batches: int = 10,
+        update_every: int = 100,
+        kfac_approx: str = "expand",
+        seed: int = 0,
+        save_factors: bool = True,
+    ) -> None:
+        super().__init__()
+        _check_choice("fisher_type", fisher_type, FISHER_TYPES)
+        _check_choice("kfac_approx", kfac_approx, KFAC_APPROXES)
+        for name, value in (("mc_samples", mc_samples), ("num_batches", num_batches), ("update_every", update_every)):
+            if int(value) < 1:
+                raise ValueError(f"precond.{name} must be >= 1, got {value}")
+        self.fisher_type, self.kfac_approx, self.seed = fisher_type, kfac_approx, int(seed)
+        self.mc_samples, self.num_batches, self.update_every = int(mc_samples), int(num_batches), int(update_every)
+        self.damping = check_damping(damping)
+        self.save_factors = bool(save_factors)
+        self.factors: Factors | None = None
+        self.inverses: dict[str, KroneckerInverse] = {}
+        self.stats: dict[str, float] = {}
+        self.steps = 0  # optimizer steps taken
+        self.num_updates = 0  # factor computations (1 = only the initial one)
+        self._targets: CurvatureTargets | None = None
+        self._acc: FactorAccumulator | None = None
+        self._stale = False
+
+    # -- helpers ----------------------------------------------------------------------------------------------
+    @staticmethod
+    def _loss_spec(pl_module: pl.LightningModule) -> tuple[str, float]:
+        loss_fn = getattr(pl_module, "loss_fn", None)
+        kind = getattr(loss_fn, "kind", None)
+        if kind not in LOSSES:
+            raise ValueError(f"K-FAC needs pl_module.loss_fn.kind in {LOSSES}, got {kind!r}")
+        return kind, float(getattr(loss_fn, "target_scale", 1.0))
+
+    def gamma(self, pl_module: pl.LightningModule) -> float:
+        """Total damping: ``damping`` plus the module's ``damping_offset`` (its weight decay toward w0)."""
+        return check_damping(self.damping + float(getattr(pl_module, "damping_offset", 0.0) or 0.0))
+
+    def _new_accumulator(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> FactorAccumulator:
+        targets = self._targets
+        assert targets is not None
+        kind, alpha = self._loss_spec(pl_module)
+        device = next(iter(targets.layers.values()))[0].device
+        generator = torch.Generator(device=device)
+        generator.manual_seed(self.seed + 7919 * trainer.global_rank + 104729 * self.num_updates)
+        return FactorAccumulator(
+            targets.network, {n: b is not None for n, (_, b) in targets.layers.items()}, kind,
+            fisher_type=self.fisher_type, mc_samples=self.mc_samples, kfac_approx=self.kfac_approx,
+            target_scale=alpha, generator=generator,
+        )
+
+    def _accumulate(self, pl_module: pl.LightningModule, batch: Any) -> int:
+        assert self._targets is not None and self._acc is not None
+        x, y = _split_batch(batch)
+        x = x.to(pl_module.device)
+        y = None if y is None else y.to(pl_module.device)
+        with _eval_mode(self._targets.network):
+            return self._acc.accumulate(x, y, self._targets.outputs_fn)
+
+    def _finish(self, pl_module: pl.LightningModule) -> None:
+        """All-reduce the accumulated sums, normalize, and (re)build the inverses."""
+        assert self._acc is not None
+        self._acc.all_reduce()
+        dtype = next(iter(self._targets.layers.values()))[0].dtype  # type: ignore[union-attr]
+        self.factors = self._acc.finalize("mean", dtype=dtype)
+        self.stats["samples"] = self._acc.count
+        self._acc = None
+        self.num_updates += 1
+        self.invert(pl_module)
+
+    def invert(self, pl_module: pl.LightningModule) -> None:
+        """Eigendecompose the current factors with damping ``gamma(pl_module)``."""
+        assert self.factors is not None and self._targets is not None
+        gamma = self.gamma(pl_module)
+        self.inverses = {}
+        for name, (weight, _) in self._targets.layers.items():
+            A, G = (t.to(weight.device) for t in self.factors[name])
+            self.inverses[name] = KroneckerInverse(A, G, gamma, dtype=weight.dtype)
+        self._stale = False
+
+    def _local_batches(self, trainer: pl.Trainer) -> Iterator[Any]:
+        """This rank's share of the first ``num_batches`` batches of a fresh train loader."""
+        if trainer.datamodule is None:
+            raise RuntimeError("KFACPreconditioner needs trainer.fit(..., datamodule=...) to read curvature batches")
+        loader = trainer.datamodule.train_dataloader()
+        world, rank = max(1, trainer.world_size), trainer.global_rank
+        if isinstance(getattr(loader, "sampler", None), DistributedSampler):  # already sharded by the loader
+            yield from (b for _, b in zip(range(math.ceil(self.num_batches / world)), loader, strict=False))
+            return
+        for i, batch in zip(range(self.num_batches), loader, strict=False):
+            if i % world == rank:
+                yield batch
+
+    def _check_targets(self, targets: CurvatureTargets) -> None:
+        if not targets.layers:
+            raise ValueError("curvature_targets().layers is empty: nothing for K-FAC to precondition")
+        for name, (weight, bias) in targets.layers.items():
+            module = targets.network.get_submodule(name)
+            if tuple(weight.shape) != tuple(module.weight.shape):
+                raise ValueError(f"target weight of {name!r} has shape {tuple(weight.shape)}, "
+                                 f"layer weight {tuple(module.weight.shape)}")
+            if bias is not None and bias.numel() != module.weight.shape[0]:
+                raise ValueError(f"target bias of {name!r} has {bias.numel()} entries, expected {weight.shape[0]}")
+
+    # -- Lightning hooks --------------------------------------------------------------------------------------
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._targets = pl_module.curvature_targets()
+        self._check_targets(self._targets)
+        if self.factors is not None:  # restored from a checkpoint: no recomputation
+            self.invert(pl_module)
+            return
+        start = time.perf_counter()
+        self._acc = self._new_accumulator(trainer, pl_module)
+        n_local = math.ceil(self.num_batches / max(1, trainer.world_size))
+        bar = tqdm(total=n_local, desc="K-FAC factors", disable=not trainer.is_global_zero, leave=False)
+        for batch in self._local_batches(trainer):
+            self._accumulate(pl_module, batch)
+            bar.update(1)
+        bar.close()
+        self._finish(pl_module)
+        self.stats["seconds"] = time.perf_counter() - start
+        rank_zero_info(f"K-FAC ({self.fisher_type}, {self.kfac_approx}): factors of {len(self.factors or {})} "
+                       f"layers from {self.stats['samples']} samples in {self.stats['seconds']:.2f}s")
+        for logger in trainer.loggers:  # self.log is not allowed in on_fit_start
+            logger.log_metrics({"precond/factor_seconds": self.stats["seconds"],
+                                "precond/factor_samples": float(self.stats["samples"])}, step=trainer.global_step)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self._targets is None or self._targets.constant or self.steps == 0:
+            return
+        window = min(self.num_batches, self.update_every)
+        if (-self.steps) % self.update_every < window:  # one of the steps just before a refresh
+            if self._acc is None:
+                self._acc = self._new_accumulator(trainer, pl_module)
+            self._accumulate(pl_module, batch)
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                                 optimizer: torch.optim.Optimizer) -> None:
+        if self._targets is None or self.factors is None:
+            return
+        refresh = not self._targets.constant and self.steps > 0 and self.steps % self.update_every == 0
+        if refresh and self._acc is not None:
+            self._finish(pl_module)
+        elif self._stale or not self.inverses:
+            self.invert(pl_module)
+        for name, (weight, bias) in self._targets.layers.items():
+            precondition_layer(self.inverses[name], weight, bias)
+        self.steps += 1
+
+    # -- checkpointing: with save_factors a resumed run preconditions with the same matrices; without (smaller
+    # checkpoints: ~590 MB of factors for resnet50) it recomputes them at fit start from the resumed weights.
+    def state_dict(self) -> dict[str, Any]:
+        factors = None if self.factors is None or not self.save_factors else {
+            n: (A.detach().cpu(), G.detach().cpu()) for n, (A, G) in self.factors.items()}
+        return {"factors": factors, "steps": self.steps, "num_updates": self.num_updates, "stats": dict(self.stats)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.factors = state_dict.get("factors")
+        self.steps = int(state_dict.get("steps", 0))
+        self.num_updates = int(state_dict.get("num_updates", 0))
+        self.stats = dict(state_dict.get("stats", {}))
+        self._stale = True

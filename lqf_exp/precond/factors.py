@@ -1,0 +1,259 @@
+"""K-FAC Kronecker factors of the generalized Gauss-Newton matrix for ``Linear`` and ``Conv2d`` layers.
+
+For a layer with W̃ = (W b) viewed as ``(out, in+1)`` (PyTorch's row-major flattening) the curvature block is
+``G ⊗ A`` with ``A`` built from the layer inputs (a 1 appended when the bias is preconditioned) and ``G`` from
+vectors back-propagated to the layer outputs. Scaling, for a loss ``R · Σ_n ℓ(f(x_n), y_n)``:
+
+* ``A = (1/N) Σ_n a_n a_nᵀ`` (for weight-sharing layers ``a_n a_nᵀ`` is averaged over the shared positions in the
+  ``expand`` approximation, or ``a_n`` is averaged before the outer product in ``reduce``);
+* ``G = R · Σ_n Σ_k g_nk g_nkᵀ`` where ``g_nk`` back-propagates the k-th column of a square root of the per-sample
+  loss Hessian (unscaled by R); ``R = 1/N`` for ``reduction="mean"`` (the project's losses) and 1 for ``"sum"``.
+
+Sums and the sample count are accumulated separately so that a distributed all-reduce of both gives exactly the
+factors of one process that saw all the data.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+FISHER_TYPES = ("type2", "mc", "empirical")
+KFAC_APPROXES = ("expand", "reduce")
+LOSSES = ("mse", "ce")
+REDUCTIONS = ("mean", "sum")
+
+# Unfolded conv inputs are processed in chunks of at most this many elements, to bound peak memory.
+_UNFOLD_CHUNK = 2**26
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def _conv_padding(module: nn.Conv2d) -> tuple[int, int]:
+    """Numeric (symmetric) padding of a conv, so that ``F.unfold`` reproduces its patches."""
+    if module.padding_mode != "zeros":
+        raise NotImplementedError(f"K-FAC supports padding_mode='zeros' only, got {module.padding_mode!r}")
+    if module.padding == "valid":
+        return (0, 0)
+    if module.padding == "same":
+        total = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size, strict=True)]
+        if any(t % 2 for t in total):
+            raise NotImplementedError("K-FAC does not support asymmetric 'same' padding")
+        return (total[0] // 2, total[1] // 2)
+    return tuple(module.padding)  # type: ignore[return-value]
+
+
+def check_layer(name: str, module: nn.Module) -> None:
+    """Raise a clear error for a layer K-FAC cannot handle."""
+    if not isinstance(module, nn.Linear | nn.Conv2d):
+        raise TypeError(f"K-FAC handles nn.Linear and nn.Conv2d only; {name!r} is {type(module).__name__}")
+    if isinstance(module, nn.Conv2d):
+        if module.groups != 1:
+            raise NotImplementedError(f"K-FAC supports Conv2d with groups=1 only; {name!r} has groups={module.groups}")
+        _conv_padding(module)
+
+
+class FactorAccumulator:
+    """Accumulates K-FAC factor sums over batches; ``finalize`` normalizes by the (global) sample count.
+
+    ``layers`` maps a ``Linear``/``Conv2d`` module name of ``network`` to whether its bias is preconditioned
+    (a 1 is then appended to the input). ``loss`` is ``mse`` (per-sample ``Σ_c (f_c − α·onehot_c)²``, α =
+    ``target_scale``) or ``ce``. The factors do not touch any parameter's ``.grad``.
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        layers: Mapping[str, bool],
+        loss: str,
+        fisher_type: str = "type2",
+        mc_samples: int = 1,
+        kfac_approx: str = "expand",
+        target_scale: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        _check_choice("loss", loss, LOSSES)
+        _check_choice("fisher_type", fisher_type, FISHER_TYPES)
+        _check_choice("kfac_approx", kfac_approx, KFAC_APPROXES)
+        if int(mc_samples) < 1:
+            raise ValueError(f"mc_samples must be >= 1, got {mc_samples}")
+        if not layers:
+            raise ValueError("K-FAC needs at least one layer to precondition")
+        self.network, self.loss, self.fisher_type = network, loss, fisher_type
+        self.mc_samples, self.kfac_approx = int(mc_samples), kfac_approx
+        self.target_scale, self.generator = float(target_scale), generator
+        self.modules: dict[str, nn.Module] = {}
+        for name, _ in layers.items():
+            module = network.get_submodule(name)
+            check_layer(name, module)
+            self.modules[name] = module
+        self.with_bias = {name: bool(b) for name, b in layers.items()}
+        self.A_sum: dict[str, Tensor] = {}
+        self.G_sum: dict[str, Tensor] = {}
+        self.count = 0
+        self._g_scale = 1.0
+        self._calls: dict[str, int] = {}
+        self._anchors: list[Tensor] = []
+
+    # -- per-layer statistics ---------------------------------------------------------------------------------
+    def _input_rows(self, name: str, module: nn.Module, x: Tensor) -> tuple[Tensor, float]:
+        """Rows whose outer products sum to the per-batch ``A`` contribution, and the weight of each row."""
+        if isinstance(module, nn.Conv2d):
+            kw = dict(kernel_size=module.kernel_size, dilation=module.dilation, padding=_conv_padding(module),
+                      stride=module.stride)
+            rows = F.unfold(x, **kw).transpose(1, 2)  # (N, P, C_in·kh·kw), same order as weight.view(out, -1)
+        else:
+            rows = x.reshape(x.shape[0], -1, x.shape[-1])  # (N, shared, in)
+        if self.with_bias[name]:
+            rows = torch.cat([rows, rows.new_ones(*rows.shape[:-1], 1)], dim=-1)
+        if self.kfac_approx == "reduce":
+            return rows.mean(dim=1), 1.0
+        # expand: each sample contributes the mean over its shared positions
+        return rows.reshape(-1, rows.shape[-1]), 1.0 / rows.shape[1]
+
+    def _accumulate_input(self, name: str, module: nn.Module, x: Tensor) -> None:
+        x = x.detach()
+        if isinstance(module, nn.Conv2d):
+            per_sample = max(1, x[:1].numel() * math.prod(module.kernel_size))
+            chunks = x.split(max(1, _UNFOLD_CHUNK // per_sample))
+        else:
+            chunks = (x,)
+        for chunk in chunks:
+            rows, weight = self._input_rows(name, module, chunk)
+            cov = (rows.T @ rows).to(torch.float64).mul_(weight)
+            self._add(self.A_sum, name, cov)
+
+    def _accumulate_grad(self, name: str, module: nn.Module, g: Tensor) -> None:
+        g = g.detach()
+        # conv: (N, out, H, W) -> (N, P, out); linear: (N, ..., out) -> (N, shared, out)
+        conv = isinstance(module, nn.Conv2d)
+        g = g.flatten(2).transpose(1, 2) if conv else g.reshape(g.shape[0], -1, g.shape[-1])
+        g = g.sum(dim=1) if self.kfac_approx == "reduce" else g.reshape(-1, g.shape[-1])
+        self._add(self.G_sum, name, (g.T @ g).to(torch.float64).mul_(self._g_scale))
+
+    @staticmethod
+    def _add(store: dict[str, Tensor], name: str, value: Tensor) -> None:
+        if name in store:
+            store[name].add_(value)
+        else:
+            store[name] = value
+
+    def _forward_hook(self, name: str) -> Callable:
+        def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
+            self._calls[name] = self._calls.get(name, 0) + 1
+            if self._calls[name] > 1:
+                raise NotImplementedError(f"layer {name!r} is called more than once per forward (weight tying)")
+            with torch.no_grad():
+                self._accumulate_input(name, module, inputs[0])
+            # A zero anchor makes the output differentiable even when the network is frozen (LQF's w0), and a
+            # tensor hook (not a module backward hook) survives in-place activations that follow the layer.
+            anchor = output.new_zeros((), requires_grad=True)
+            self._anchors.append(anchor)
+            out = output + anchor
+            out.register_hook(lambda g: self._accumulate_grad(name, module, g))
+            return out
+
+        return hook
+
+    # -- back-propagated vectors ------------------------------------------------------------------------------
+    def _backward_vectors(self, f: Tensor, y: Tensor | None) -> tuple[Tensor, float]:
+        """``(K, N, C)`` vectors whose outer products average to the loss Hessian, and the scale of each."""
+        N, C = f.shape
+        eye = torch.eye(C, dtype=f.dtype, device=f.device)
+        if self.fisher_type == "empirical":
+            if y is None:
+                raise ValueError("fisher_type='empirical' needs labels")
+            onehot = F.one_hot(y.long(), C).to(f.dtype)
+            if self.loss == "mse":
+                return (2.0 * (f - self.target_scale * onehot))[None], 1.0
+            return (f.softmax(dim=1) - onehot)[None], 1.0
+        if self.loss == "mse":
+            if self.fisher_type == "type2":  # Hessian 2I = (√2 I)(√2 I)ᵀ
+                return math.sqrt(2.0) * eye[:, None, :].expand(C, N, C), 1.0
+            # sampled target ỹ ~ N(f, ½I): the gradient 2(f − ỹ) ~ N(0, 2I) has E[ggᵀ] = 2I
+            noise = torch.randn((self.mc_samples, N, C), dtype=f.dtype, device=f.device, generator=self.generator)
+            return math.sqrt(2.0) * noise, 1.0 / self.mc_samples
+        p = f.softmax(dim=1)
+        if self.fisher_type == "type2":  # diag(p) − ppᵀ = S Sᵀ with column c of S = √p_c (e_c − p)
+            return p.T.sqrt()[:, :, None] * (eye[:, None, :] - p[None]), 1.0
+        idx = torch.multinomial(p, self.mc_samples, replacement=True, generator=self.generator)  # (N, M)
+        return p[None] - F.one_hot(idx.T, C).to(f.dtype), 1.0 / self.mc_samples
+
+    @staticmethod
+    @torch.no_grad()
+    def _eval_outputs(x: Tensor, outputs_fn: Callable[[Tensor], Tensor]) -> Tensor:
+        return outputs_fn(x).detach()
+
+    def accumulate(
+        self, x: Tensor, y: Tensor | None = None, outputs_fn: Callable[[Tensor], Tensor] | None = None
+    ) -> int:
+        """Add one batch's statistics; return its number of samples.
+
+        The backward vectors are propagated through ``network``; the loss Hessian (CE) or residual (empirical)
+        is evaluated at ``outputs_fn(x)`` when given (LQF: the linearized outputs), else at ``network(x)``.
+        """
+        # outputs_fn may run the same modules (LQF's jvp through the w0 network): call it before hooking them
+        f_eval = None if outputs_fn is None else self._eval_outputs(x, outputs_fn)
+        self._calls, self._anchors = {}, []
+        handles = [m.register_forward_hook(self._forward_hook(n)) for n, m in self.modules.items()]
+        try:
+            with torch.enable_grad():
+                f = self.network(x)
+                if f.ndim != 2:
+                    raise ValueError(f"K-FAC expects outputs of shape (N, C), got {tuple(f.shape)}")
+                f_eval = f.detach() if f_eval is None else f_eval.to(f.dtype)
+                if f_eval.shape != f.shape:
+                    raise ValueError(f"outputs_fn gave shape {tuple(f_eval.shape)}, network {tuple(f.shape)}")
+                vectors, self._g_scale = self._backward_vectors(f_eval, y)
+                for k in range(vectors.shape[0]):
+                    torch.autograd.grad(f, self._anchors, grad_outputs=vectors[k],
+                                        retain_graph=k < vectors.shape[0] - 1, allow_unused=True)
+        finally:
+            for h in handles:
+                h.remove()
+            self._anchors = []
+        self.count += x.shape[0]
+        return x.shape[0]
+
+    # -- results ----------------------------------------------------------------------------------------------
+    def all_reduce(self) -> None:
+        """Sum the factor sums and the sample count over processes (no-op unless torch.distributed is up)."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        device = next(iter(self.A_sum.values())).device if self.A_sum else torch.device("cpu")
+        count = torch.tensor([float(self.count)], dtype=torch.float64, device=device)
+        dist.all_reduce(count)
+        self.count = int(count.item())
+        for store in (self.A_sum, self.G_sum):
+            for name in sorted(self.modules):
+                if name not in store:  # a layer unreached on this rank still joins the collective
+                    d = self._factor_dim(name, store is self.A_sum)
+                    store[name] = torch.zeros(d, d, dtype=torch.float64, device=device)
+                dist.all_reduce(store[name])
+
+    def _factor_dim(self, name: str, is_A: bool) -> int:
+        m = self.modules[name]
+        if not is_A:
+            return m.out_features if isinstance(m, nn.Linear) else m.out_channels
+        d = m.in_features if isinstance(m, nn.Linear) else m.in_channels * math.prod(m.kernel_size)
+        return d + int(self.with_bias[name])
+
+    def finalize(self, reduction: str = "mean", dtype: torch.dtype | None = None) -> dict[str, tuple[Tensor, Tensor]]:
+        """``{layer: (A, G)}`` normalized as in the module docstring; cast to ``dtype`` when given."""
+        _check_choice("reduction", reduction, REDUCTIONS)
+        if self.count == 0:
+            raise RuntimeError("no sample was accumulated: K-FAC factors are undefined")
+        out = {}
+        for name in self.modules:
+            A = self.A_sum[name] / self.count
+            G = self.G_sum[name] / (self.count if reduction == "mean" else 1.0)
+            out[name] = (A.to(dtype), G.to(dtype)) if dtype is not None else (A, G)
+        return out

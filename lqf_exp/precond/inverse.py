@@ -1,0 +1,90 @@
+"""Exactly damped inverse of a Kronecker factored block, ``(G ⊗ A + γI)⁻¹``, and its application to gradients.
+
+With ``A = Q_A Λ_A Q_Aᵀ`` and ``G = Q_G Λ_G Q_Gᵀ`` (eigendecompositions in float64), a gradient ``V`` viewed as
+``(out, in+1)`` maps to ``Q_G [(Q_Gᵀ V Q_A) / (λ_G λ_Aᵀ + γ)] Q_Aᵀ``: the exact inverse of the damped Kronecker
+product, not the factored ``(G + √γI)⁻¹ V (A + √γI)⁻¹`` heuristic.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+def check_damping(damping: float) -> float:
+    """Return ``damping`` as a float, or raise if it is not finite and > 0."""
+    try:
+        value = float(damping)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"K-FAC damping must be a number > 0, got {damping!r}") from err
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"K-FAC damping must be finite and > 0 (the factors can be singular), got {damping!r}")
+    return value
+
+
+class KroneckerInverse:
+    """``(G ⊗ A + γI)⁻¹`` acting on ``V`` of shape ``(out, in+1)`` (row-major flattening of W̃ = (W b))."""
+
+    def __init__(self, A: Tensor, G: Tensor, damping: float, dtype: torch.dtype | None = None) -> None:
+        self.damping = check_damping(damping)
+        dtype = dtype or A.dtype
+        lam_A, Q_A = torch.linalg.eigh(A.to(torch.float64))
+        lam_G, Q_G = torch.linalg.eigh(G.to(torch.float64))
+        # The factors are PSD; round-off can make tiny eigenvalues negative.
+        lam_A, lam_G = lam_A.clamp_(min=0.0), lam_G.clamp_(min=0.0)
+        self.Q_A, self.Q_G = Q_A.to(dtype), Q_G.to(dtype)
+        self.scale = (1.0 / (torch.outer(lam_G, lam_A) + self.damping)).to(dtype)
+
+    def apply(self, V: Tensor) -> Tensor:
+        """Return ``(G ⊗ A + γI)⁻¹ rvec(V)`` reshaped like ``V``."""
+        Q_A, Q_G, scale = (t.to(V.dtype) for t in (self.Q_A, self.Q_G, self.scale))
+        return Q_G @ ((Q_G.T @ V @ Q_A) * scale) @ Q_A.T
+
+
+def joint_grad(weight: Tensor, bias: Tensor | None) -> Tensor | None:
+    """The gradient of W̃ = (W b) as ``(out, in+1)``; ``None`` when neither tensor has a gradient."""
+    grads = [weight.grad, None if bias is None else bias.grad]
+    if all(g is None for g in grads):
+        return None
+    gw = weight.grad if weight.grad is not None else torch.zeros_like(weight)
+    V = gw.reshape(weight.shape[0], -1)
+    if bias is not None:
+        gb = bias.grad if bias.grad is not None else torch.zeros_like(bias)
+        V = torch.cat([V, gb.reshape(-1, 1)], dim=1)
+    return V
+
+
+@torch.no_grad()
+def precondition_layer(inverse: KroneckerInverse, weight: Tensor, bias: Tensor | None) -> bool:
+    """Replace the ``.grad`` of ``weight``/``bias`` by the preconditioned gradient; False if there was none."""
+    V = joint_grad(weight, bias)
+    if V is None:
+        return False
+    P = inverse.apply(V)
+    n_w = V.shape[1] - int(bias is not None)
+    weight.grad = P[:, :n_w].reshape(weight.shape).contiguous()
+    if bias is not None:
+        bias.grad = P[:, n_w].reshape(bias.shape).contiguous()
+    return True
+
+
+def factor_dims(module: nn.Module, with_bias: bool) -> tuple[int, int]:
+    """``(dim A, dim G)`` of a ``Linear``/``Conv2d`` layer."""
+    if isinstance(module, nn.Linear):
+        return module.in_features + int(with_bias), module.out_features
+    if isinstance(module, nn.Conv2d):
+        return module.in_channels * math.prod(module.kernel_size) + int(with_bias), module.out_channels
+    raise TypeError(f"K-FAC handles nn.Linear and nn.Conv2d only, got {type(module).__name__}")
+
+
+def memory_bytes(network: nn.Module, bytes_per_element: int = 4) -> dict[str, int]:
+    """Bytes held by the factors and by the inverse (eigenvectors + scale) of every Linear/Conv2d layer."""
+    factors = inverse = 0
+    for module in network.modules():
+        if isinstance(module, nn.Linear | nn.Conv2d):
+            dA, dG = factor_dims(module, module.bias is not None)
+            factors += dA * dA + dG * dG
+            inverse += dA * dA + dG * dG + dA * dG
+    return {"factors": factors * bytes_per_element, "inverse": inverse * bytes_per_element}
