@@ -1,4 +1,4 @@
-"""Command-line entry point: ``python run.py [group=option ...] [-m]``. All the work is in ``lqf_exp.pipeline``."""
+"""Command-line entry point: ``python run.py [group=option ...] [-m]``. The work is in ``lqf_exp.pipeline.run``."""
 
 from __future__ import annotations
 
@@ -6,16 +6,16 @@ import hydra
 from omegaconf import DictConfig
 
 from lqf_exp.config import register_resolvers
-from lqf_exp.pipeline import run
+from lqf_exp.launch import run_job, use_job_command_for_ddp_children
 
 register_resolvers()
+use_job_command_for_ddp_children()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    """Run one job; return the test accuracy so that Hydra sweepers can optimize it."""
-    metrics = run(cfg).get("metrics", {})
-    return metrics.get("test/acc")
+    """Run one job; return its test accuracy so that Hydra sweepers can optimize it."""
+    return run_job(cfg)
 
 
 if __name__ == "__main__":
