@@ -1,0 +1,211 @@
+"""Table 1 with the relative error increase over NLFT (Fig. 1 left), and the ablation (Fig. 2)."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from pathlib import Path
+
+from lqf_exp.report.collect import Cell
+from lqf_exp.report.markdown import Section, Table, fmt_num
+from lqf_exp.report.plots import box_plot
+from lqf_exp.report.stats import (
+    HP_KEYS,
+    Pick,
+    base_label,
+    distinct,
+    make_labeler,
+    median,
+    nlft_label,
+    pct,
+    rel_increase,
+    sort_labels,
+)
+
+SELECTION_NOTE = (
+    "Each entry is the best point of the optimization grid (lr × weight_decay, and batch_size/momentum where they "
+    "vary), chosen by **validation** accuracy (`val/acc_best`, else `val/acc`) averaged over seeds, never by test "
+    "accuracy; it shows test error (%) = 100·(1 − test/acc) as mean ± sample std over the seeds of that point, n = "
+    "number of finished seeds (± 0.00 with n=1: a single seed, no spread)."
+)
+COMPONENTS = ("activation", "loss", "precond")
+COMPONENT_VALUES = {"activation": ("leaky_relu", "relu"), "loss": ("mse", "ce"), "precond": ("kfac", "none")}
+FULL_LQF = ("leaky_relu", "mse", "kfac")
+REMOVALS = {
+    "MSE → CE": ("leaky_relu", "ce", "kfac"),
+    "K-FAC → none": ("leaky_relu", "mse", "none"),
+    "Leaky-ReLU → ReLU": ("relu", "mse", "kfac"),
+}
+_REMOVED_NAMES = {"activation": "Leaky-ReLU → ReLU", "loss": "MSE → CE", "precond": "K-FAC → none"}
+
+
+def rel_text(value: float | None, pick: Pick, ref: Pick) -> str:
+    """A relative increase, or why there is none."""
+    if value is not None:
+        return pct(value)
+    if ref.best.n == 0:
+        return f"n/a (reference {ref.text().split(' (')[0]})" if ref.cells else "n/a (no reference)"
+    if pick.best.n == 0:
+        return f"n/a ({pick.text().split(' (')[0]})"
+    return "n/a (reference error 0)"
+
+
+def _bold_best(texts: list[str], picks: list[Pick]) -> list[str]:
+    means = [p.best.mean for p in picks]
+    known = [m for m in means if m is not None]
+    if len(known) < 2:
+        return texts
+    lowest = min(known)
+    return [f"**{t}**" if m == lowest else t for t, m in zip(texts, means, strict=True)]
+
+
+def _hp_text(pick: Pick, varying: Sequence[str]) -> str:
+    if pick.best_key is None:
+        return pick.text().split(" (")[0]
+    names = {"lr": "lr", "weight_decay": "wd", "batch_size": "bs", "momentum": "m"}
+    return ", ".join(f"{names[k]}={fmt_num(pick.hp[k])}" for k in varying)
+
+
+def table1_section(cells: Sequence[Cell], out_dir: Path) -> list[Section]:
+    """Table 1 (best test error per data set × method) and the relative error increase over NLFT."""
+    cells = [c for c in cells if c.get("data") is not None]
+    label = make_labeler(cells, ignore=("data", "seed", *HP_KEYS))
+    datasets, labels = distinct(cells, "data"), sort_labels(label(c) for c in cells)
+    picks = {(d, m): Pick([c for c in cells if c.get("data") == d and label(c) == m]) for d in datasets for m in labels}
+    varying = [k for k in HP_KEYS if len(distinct(cells, k)) > 1] or ["lr", "weight_decay"]
+
+    rows = [[d, *_bold_best([picks[d, m].text() for m in labels], [picks[d, m] for m in labels])] for d in datasets]
+    csv_rows = [{"data": d, "method": m, **picks[d, m].csv_fields()} for d in datasets for m in labels]
+    table = Table("table1", "Table 1: test error (%) per data set and method", ["data set", *labels], rows, csv_rows)
+    hp_rows = [[d, *(_hp_text(picks[d, m], varying) for m in labels)] for d in datasets]
+    hp_table = Table("table1", "Selected grid point (by validation accuracy)", ["data set", *labels], hp_rows, None)
+    sections = [Section("Table 1: test error", [SELECTION_NOTE, "Bold: lowest error of the row."], [table, hp_table])]
+
+    nlft = nlft_label(labels)
+    if nlft is None:
+        note = "No non-linear fine-tuning cell (recipe `nlft`, or method `finetune`): no relative error increase."
+        sections.append(Section("Relative error increase over NLFT", [note]))
+        return sections
+    others = [m for m in labels if m != nlft]
+    rel = {(d, m): rel_increase(picks[d, m].best.mean, picks[d, nlft].best.mean) for d in datasets for m in others}
+    rows = [[d, *(rel_text(rel[d, m], picks[d, m], picks[d, nlft]) for m in others)] for d in datasets]
+    medians = {m: median(rel[d, m] for d in datasets) for m in others}
+    counts = {m: sum(rel[d, m] is not None for d in datasets) for m in others}
+    rows.append(["**median**", *(f"{pct(medians[m])} (n={counts[m]})" for m in others)])
+    csv_rows = [
+        {
+            "data": d,
+            "method": m,
+            "reference": nlft,
+            "test_err": picks[d, m].best.mean,
+            "reference_test_err": picks[d, nlft].best.mean,
+            "rel_increase_pct": rel[d, m],
+        }
+        for d in datasets
+        for m in others
+    ]
+    csv_rows += [{"data": "median", "method": m, "reference": nlft, "rel_increase_pct": medians[m]} for m in others]
+    plot = box_plot(
+        out_dir / "relative_error.png",
+        {m: [rel[d, m] for d in datasets] for m in others},
+        f"Relative test error increase over {nlft} (per data set)",
+        f"(err − err_{nlft}) / err_{nlft}  (%)",
+    )
+    note = (
+        f"(err − err_NLFT)/err_NLFT in %, with NLFT = `{nlft}`, from the Table 1 entries; median over data sets "
+        "(n = data sets with both values). Negative: better than NLFT."
+    )
+    table = Table("relative_error", f"Relative error increase over {nlft} (%)", ["data set", *others], rows, csv_rows)
+    sections.append(Section("Relative error increase over NLFT (Fig. 1, left)", [note], [table], [plot.name]))
+    return sections
+
+
+def _ablation_groups(cells: Sequence[Cell]) -> dict[str, list[Cell]]:
+    """The methods whose cells vary activation/loss/precond (all methods if none does)."""
+    by_base: dict[str, list[Cell]] = {}
+    for cell in cells:
+        by_base.setdefault(base_label(cell.factors), []).append(cell)
+    varying = {b: cs for b, cs in by_base.items() if len({tuple(c.get(k) for k in COMPONENTS) for c in cs}) > 1}
+    chosen = varying or by_base
+    return {b: chosen[b] for b in sort_labels(chosen)}
+
+
+def _removed(combo: tuple) -> str:
+    pairs = zip(COMPONENTS, combo, FULL_LQF, strict=True)
+    names = [_REMOVED_NAMES.get(k, f"{k}={v}") for k, v, full in pairs if v != full]
+    return ", ".join(names) if names else "— (full LQF)"
+
+
+def _ablation_rows(base: str, group: list[Cell], datasets: list, combos: list[tuple], prefix: list[str]) -> tuple:
+    """Markdown rows, CSV rows and plot values of one method's ablation."""
+    picks = {
+        (d, combo): Pick([c for c in group if c.get("data") == d and tuple(c.get(k) for k in COMPONENTS) == combo])
+        for d, combo in itertools.product(datasets, combos)
+    }
+    rows = [[*prefix, *combo, _removed(combo), *(picks[d, combo].text() for d in datasets)] for combo in combos]
+    csv_rows = [
+        {"method": base, "data": d, **dict(zip(COMPONENTS, combo, strict=True)), "removed": _removed(combo)}
+        | picks[d, combo].csv_fields()
+        for combo in combos
+        for d in datasets
+    ]
+    rel_rows, rel_csv = [], []
+    rel = {
+        (d, name): rel_increase(picks[d, combo].best.mean, picks[d, FULL_LQF].best.mean)
+        for d in datasets
+        for name, combo in REMOVALS.items()
+    }
+    for d in datasets:
+        full = picks[d, FULL_LQF]
+        texts = [rel_text(rel[d, name], picks[d, combo], full) for name, combo in REMOVALS.items()]
+        rel_rows.append([*prefix, d, *texts])
+        rel_csv += [
+            {
+                "method": base,
+                "data": d,
+                "removed": name,
+                "full_test_err": full.best.mean,
+                "ablated_test_err": picks[d, combo].best.mean,
+                "rel_increase_pct": rel[d, name],
+            }
+            for name, combo in REMOVALS.items()
+        ]
+    boxes = {name: [rel[d, name] for d in datasets] for name in REMOVALS}
+    medians = {name: median(values) for name, values in boxes.items()}
+    counts = {name: sum(v is not None for v in values) for name, values in boxes.items()}
+    rel_rows.append([*prefix, "**median**", *(f"{pct(medians[n])} (n={counts[n]})" for n in REMOVALS)])
+    rel_csv += [{"method": base, "data": "median", "removed": n, "rel_increase_pct": medians[n]} for n in REMOVALS]
+    return rows, csv_rows, rel_rows, rel_csv, boxes
+
+
+def ablation_section(cells: Sequence[Cell], out_dir: Path) -> list[Section]:
+    """The activation × loss × precond table per data set, and each component's removal from full LQF."""
+    cells = [c for c in cells if c.get("data") is not None]
+    groups = _ablation_groups(cells)
+    datasets = distinct(cells, "data")
+    # Every combination of the paper's two values per component (and any other value seen), present or not.
+    seen = {k: [v for v in distinct(cells, k) if v is not None and v not in COMPONENT_VALUES[k]] for k in COMPONENTS}
+    values = [[*COMPONENT_VALUES[k], *seen[k]] for k in COMPONENTS]
+    combos = list(itertools.product(*values))
+    multi = len(groups) > 1
+    rows, csv_rows, rel_rows, rel_csv, boxes = [], [], [], [], {}
+    for base, group in groups.items():
+        parts = _ablation_rows(base, group, datasets, combos, [base] if multi else [])
+        rows += parts[0]
+        csv_rows += parts[1]
+        rel_rows += parts[2]
+        rel_csv += parts[3]
+        boxes |= {f"{base}: {name}" if multi else name: v for name, v in parts[4].items()}
+    method_col = ["method"] if multi else []
+    header = [*method_col, *COMPONENTS, "removed vs full LQF", *datasets]
+    table = Table("ablation", "Ablation: test error (%) per component combination", header, rows, csv_rows)
+    caption = "Relative error increase of removing one component from full LQF (%)"
+    rel_table = Table("ablation_relative", caption, [*method_col, "data set", *REMOVALS], rel_rows, rel_csv)
+    title = "Ablation: removing one component from full LQF"
+    plot = box_plot(out_dir / "ablation.png", boxes, title, "relative test error increase (%)")
+    notes = [
+        SELECTION_NOTE,
+        "Full LQF = Leaky-ReLU + MSE + K-FAC. Relative increase = (err_ablated − err_full)/err_full in %, per data "
+        "set, and its median over data sets (n = data sets with both values). Positive: the component helps.",
+    ]
+    return [Section("Ablation (Fig. 2)", notes, [table, rel_table], [plot.name])]

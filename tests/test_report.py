@@ -1,0 +1,356 @@
+"""Sweep reports from synthetic sweep directories whose every number is known by construction."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+import subprocess
+import sys
+import types
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from lqf_exp.report import detect_kinds, load_cells, log_tables_to_wandb, write_report
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+BASE = {
+    "task": "finetune",
+    "recipe": None,
+    "model": "small_resnet",
+    "weights": "packaged",
+    "activation": "leaky_relu",
+    "loss": "mse",
+    "precond": "kfac",
+    "method": "lqf",
+    "linearize": "all",
+    "data": "digits",
+    "shots": None,
+    "lr": 0.01,
+    "momentum": 0.9,
+    "weight_decay": 1e-4,
+    "batch_size": 64,
+    "seed": 0,
+}
+
+
+def write_cell(
+    root: Path, name: str, err: float | None = None, val: float = 0.8, error: str | None = None, **factors: Any
+) -> Path:
+    """A finished cell with test error ``err`` (%), or a failed one when ``error`` is given."""
+    cell = root / name
+    cell.mkdir(parents=True)
+    all_factors = {**BASE, **factors}
+    if error is not None:
+        payload = {"status": "failed", "error": error, "traceback": "Traceback ...\n" + error, "factors": all_factors}
+        (cell / "error.json").write_text(json.dumps(payload))
+    else:
+        metrics = {"test/acc": 1 - err / 100, "test/loss": 0.5, "val/acc": val - 0.01, "val/acc_best": val}
+        payload = {
+            "status": "finished",
+            "run_name": name,
+            "factors": all_factors,
+            "metrics": metrics,
+            "epochs": 3,
+            "duration_s": 1.5,
+            "output_dir": str(cell),
+        }
+        (cell / "metrics.json").write_text(json.dumps(payload))
+    return cell
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def md_table(text: str, caption: str) -> list[list[str]]:
+    """The body rows of the Markdown table right after the line starting with ``**<caption>``."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"**{caption}"))
+    body = []
+    for line in lines[start + 4 :]:
+        if not line.startswith("|"):
+            break
+        body.append([cell.strip() for cell in line.strip("|").split(" | ")])
+    return body
+
+
+def rows_where(rows: list[dict[str, str]], **match: str) -> list[dict[str, str]]:
+    return [r for r in rows if all(r[k] == v for k, v in match.items())]
+
+
+def assert_png(path: Path) -> None:
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC and len(data) > 1000, path
+
+
+# Ablation: per data set, {(activation, loss, precond): test errors of seeds 0 and 1}; None = that seed failed.
+ABLATION = {
+    "digits": {
+        ("leaky_relu", "mse", "kfac"): [10, 12],
+        ("leaky_relu", "ce", "kfac"): [15, 17],
+        ("leaky_relu", "mse", "none"): [12, 14],
+        ("relu", "mse", "kfac"): [11, 13],
+        ("leaky_relu", "ce", "none"): [20, 22],
+        ("relu", "ce", "kfac"): [18, 18],
+        ("relu", "mse", "none"): [14, 16],
+        ("relu", "ce", "none"): [25, None],
+    },
+    "pets": {
+        ("leaky_relu", "mse", "kfac"): [20, 20],
+        ("leaky_relu", "ce", "kfac"): [30, 34],
+        ("leaky_relu", "mse", "none"): [22, 26],
+        ("relu", "mse", "kfac"): [19, 21],
+        ("leaky_relu", "ce", "none"): [40, 40],
+        ("relu", "ce", "kfac"): [35, 37],
+        ("relu", "mse", "none"): [23, 25],
+        ("relu", "ce", "none"): [None, None],
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def ablation_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    sweep = tmp_path_factory.mktemp("ablation")
+    for data, combos in ABLATION.items():
+        for (act, loss, precond), errs in combos.items():
+            for seed, err in enumerate(errs):
+                name = f"{data}/{act}-{loss}-{precond}-s{seed}"
+                # digits keeps one failure; pets loses both seeds of the cell to an out-of-memory error.
+                error = None if err is not None else ("ValueError: boom" if data == "digits" else "RuntimeError: OOM")
+                write_cell(
+                    sweep, name, err, error=error, data=data, activation=act, loss=loss, precond=precond, seed=seed
+                )
+    path = write_report(sweep)
+    return path, path.read_text()
+
+
+def test_ablation_table_values_and_failures(ablation_report: tuple[Path, str]) -> None:
+    path, text = ablation_report
+    assert "ablation" in text and (path.parent / "ablation.csv").is_file()
+    rows = md_table(text, "Ablation: test error")
+    assert len(rows) == 8
+    by_combo = {tuple(r[:3]): r for r in rows}
+    assert by_combo["leaky_relu", "mse", "kfac"][4] == f"11.00 ± {math.sqrt(2):.2f} (n=2)"
+    assert by_combo["relu", "ce", "kfac"][4] == "18.00 ± 0.00 (n=2)"
+    assert by_combo["relu", "ce", "none"][4] == "25.00 ± 0.00 (n=1) [1 failed: ValueError: boom]"
+    assert by_combo["relu", "ce", "none"][5] == "FAILED (RuntimeError: OOM)"
+    assert "— (full LQF)" in by_combo["leaky_relu", "mse", "kfac"][3]
+
+    csv_rows = read_csv(path.parent / "ablation.csv")
+    assert len(csv_rows) == 16
+    for data, combos in ABLATION.items():
+        for combo, errs in combos.items():
+            (row,) = rows_where(csv_rows, data=data, activation=combo[0], loss=combo[1], precond=combo[2])
+            done = [e for e in errs if e is not None]
+            assert int(row["n"]) == len(done) and int(row["n_failed"]) == len(errs) - len(done)
+            if done:
+                assert float(row["test_err_mean"]) == pytest.approx(statistics.fmean(done))
+                expected_std = statistics.stdev(done) if len(done) > 1 else 0.0
+                assert float(row["test_err_std"]) == pytest.approx(expected_std)
+            else:
+                assert row["status"] == "failed" and row["test_err_mean"] == ""
+
+
+def test_ablation_relative_increase(ablation_report: tuple[Path, str]) -> None:
+    path, text = ablation_report
+    rel = read_csv(path.parent / "ablation_relative.csv")
+    expected = {
+        "digits": {"MSE → CE": (16 - 11) / 11, "K-FAC → none": (13 - 11) / 11, "Leaky-ReLU → ReLU": (12 - 11) / 11},
+        "pets": {"MSE → CE": (32 - 20) / 20, "K-FAC → none": (24 - 20) / 20, "Leaky-ReLU → ReLU": 0.0},
+    }
+    for data, per_removal in expected.items():
+        for removed, value in per_removal.items():
+            (row,) = rows_where(rel, data=data, removed=removed)
+            assert float(row["rel_increase_pct"]) == pytest.approx(100 * value)
+    for removed in expected["digits"]:
+        (row,) = rows_where(rel, data="median", removed=removed)
+        both = [100 * expected[d][removed] for d in expected]
+        assert float(row["rel_increase_pct"]) == pytest.approx(statistics.median(both))
+    median_row = md_table(text, "Relative error increase of removing")[-1]
+    assert median_row[:2] == ["**median**", f"{100 * (5 / 11 + 12 / 20) / 2:+.1f}% (n=2)"]
+    assert_png(path.parent / "ablation.png")
+    # The failures are listed at the end with their error line.
+    failures = text.split("## Failed and missing cells", 1)[1]
+    assert "ValueError: boom" in failures and failures.count("RuntimeError: OOM") == 2
+
+
+def test_table1_selects_by_validation_not_test(tmp_path: Path) -> None:
+    sweep = tmp_path / "table1"
+    grid = [(0.01, 1e-4), (0.01, 1e-5), (0.001, 1e-4), (0.001, 1e-5)]
+    # lqf: (0.01, 1e-4) has the best validation accuracy, (0.001, 1e-4) the best test error.
+    lqf = {(0.01, 1e-4): ([0.95, 0.93], [20, 22]), (0.001, 1e-4): ([0.90, 0.90], [5, 5])}
+    nlft = {(0.001, 1e-5): ([0.9, 0.9], [10, 12])}
+    for recipe, points in (("lqf", lqf), ("nlft", nlft)):
+        for lr, wd in grid:
+            vals, errs = points.get((lr, wd), ([0.8, 0.8], [30, 30]))
+            for seed in (0, 1):
+                write_cell(
+                    sweep,
+                    f"digits/{recipe}-{lr}-{wd}-s{seed}",
+                    errs[seed],
+                    vals[seed],
+                    recipe=recipe,
+                    lr=lr,
+                    weight_decay=wd,
+                    seed=seed,
+                )
+    write_cell(sweep, "pets/nlft-s0", 10, recipe="nlft", data="pets")
+    write_cell(sweep, "pets/lqf-s0", error="ValueError: bad lr\nmore detail", recipe="lqf", data="pets")
+    # A cell that has only its config so far: running, or killed before it wrote anything.
+    missing = sweep / "pets" / "lqf-s1" / ".hydra"
+    missing.mkdir(parents=True)
+    config = {
+        "recipe": "lqf",
+        "seed": 1,
+        "data": {"name": "pets", "batch_size": 64},
+        "activation": {"name": "leaky_relu"},
+        "loss": {"_target_": "lqf_exp.losses.ScaledMSELoss"},
+        "method": {"_target_": "lqf_exp.methods.LQF"},
+        "precond": {"name": "kfac"},
+        "optim": {"lr": 0.001, "momentum": 0.9, "weight_decay": "${oops}"},
+    }
+    (missing / "config.yaml").write_text(yaml.safe_dump(config))
+
+    path = write_report(sweep, tmp_path / "out")
+    text = path.read_text()
+    assert path == tmp_path / "out" / "report.md"
+    assert detect_kinds(load_cells(sweep)) == ["table1"]
+    rows = read_csv(path.parent / "table1.csv")
+    (best,) = rows_where(rows, data="digits", method="lqf")
+    assert float(best["test_err_mean"]) == pytest.approx(21.0) and float(best["val_acc_mean"]) == pytest.approx(0.94)
+    assert (float(best["lr"]), float(best["weight_decay"]), best["n"]) == (0.01, 1e-4, "2")
+    (ref,) = rows_where(rows, data="digits", method="nlft")
+    assert float(ref["test_err_mean"]) == pytest.approx(11.0) and float(ref["lr"]) == 0.001
+    assert "**validation**" in text
+
+    table = {r[0]: r[1:] for r in md_table(text, "Table 1")}
+    # nlft then lqf (the paper's column order); bold marks the lowest error of a row.
+    assert table["digits"] == [f"**11.00 ± {math.sqrt(2):.2f} (n=2)**", f"21.00 ± {math.sqrt(2):.2f} (n=2)"]
+    assert table["pets"] == ["10.00 ± 0.00 (n=1)", "FAILED (ValueError: bad lr); 1 missing"]
+    rel = {r["data"]: r for r in read_csv(path.parent / "relative_error.csv")}
+    assert float(rel["digits"]["rel_increase_pct"]) == pytest.approx(100 * (21 - 11) / 11)
+    assert rel["pets"]["rel_increase_pct"] == ""
+    assert float(rel["median"]["rel_increase_pct"]) == pytest.approx(100 * (21 - 11) / 11)
+    assert_png(path.parent / "relative_error.png")
+
+    cells = read_csv(path.parent / "cells.csv")
+    assert len(cells) == 16 + 3
+    (failed,) = rows_where(cells, status="failed")
+    assert failed["error"] == "ValueError: bad lr" and failed["data"] == "pets"
+    (pending,) = rows_where(cells, status="missing")
+    assert (pending["cell"], pending["data"], pending["method"], pending["loss"]) == (
+        "pets/lqf-s1",
+        "pets",
+        "lqf",
+        "mse",
+    )
+    assert pending["weight_decay"] == "" and float(pending["lr"]) == 0.001
+    assert "pets/lqf-s1" in text.split("## Failed and missing cells", 1)[1]
+
+
+def test_lowshot_values(tmp_path: Path) -> None:
+    errs = {"lqf": {1: [40, 44], 5: [20, 22], None: [5, 7]}, "finetune": {1: [50, 50], 5: [20, 20], None: [4, 4]}}
+    for method, per_shots in errs.items():
+        for shots, seeds in per_shots.items():
+            for seed, err in enumerate(seeds):
+                write_cell(tmp_path, f"{method}-{shots}-s{seed}", err, method=method, shots=shots, seed=seed)
+    path = write_report(tmp_path)
+    assert detect_kinds(load_cells(tmp_path)) == ["lowshot"]
+    rows = read_csv(path.parent / "lowshot.csv")
+    for method, per_shots in errs.items():
+        for shots, seeds in per_shots.items():
+            (row,) = rows_where(rows, method=method, shots="" if shots is None else str(shots))
+            assert float(row["test_err_mean"]) == pytest.approx(statistics.fmean(seeds))
+            assert float(row["test_err_std"]) == pytest.approx(statistics.stdev(seeds)) and row["n"] == "2"
+    rel = read_csv(path.parent / "lowshot_relative.csv")
+    for shots, value in (("1", -16.0), ("5", 5.0), ("", 50.0)):
+        (row,) = rows_where(rel, method="lqf", shots=shots, data="median")
+        assert float(row["rel_increase_pct"]) == pytest.approx(value)
+    table = md_table(path.read_text(), "Low-shot: test error")
+    assert table[0] == ["digits", "1", "50.00 ± 0.00 (n=2)", f"42.00 ± {math.sqrt(8):.2f} (n=2)"]
+    assert [r[1] for r in table] == ["1", "5", "full"]
+    assert_png(path.parent / "lowshot.png")
+
+
+def test_robustness_best_elr(tmp_path: Path) -> None:
+    # Validation accuracy per (lr, batch_size) and seed; lqf's seed 0 alone would pick (0.01, 64), the mean (0.001, 16).
+    vals = {
+        "lqf": {(0.001, 16): [0.90, 0.94], (0.01, 64): [0.95, 0.85]},
+        "finetune": {(0.01, 64): [0.90, 0.90]},
+    }
+    for method, points in vals.items():
+        for lr in (0.01, 0.001):
+            for bs in (16, 64):
+                for seed, val in enumerate(points.get((lr, bs), [0.8, 0.8])):
+                    write_cell(
+                        tmp_path,
+                        f"{method}/lr{lr}-bs{bs}-s{seed}",
+                        100 * (1 - val) + 1,
+                        val,
+                        method=method,
+                        lr=lr,
+                        batch_size=bs,
+                        seed=seed,
+                    )
+    path = write_report(tmp_path, kind="robustness")
+    best = {r["method"]: r for r in read_csv(path.parent / "robustness_best_elr.csv")}
+    assert float(best["lqf"]["elr"]) == pytest.approx(0.001 / ((1 - 0.9) * 16))
+    assert float(best["finetune"]["elr"]) == pytest.approx(0.01 / ((1 - 0.9) * 64))
+    grid = read_csv(path.parent / "robustness_grid.csv")
+    assert len(grid) == 2 * 2 * 2
+    assert [(r["lr"], r["batch_size"]) for r in rows_where(grid, method="lqf", best="True")] == [("0.001", "16")]
+    assert "6.25e-04 (lr=0.001, bs=16)" in path.read_text()
+    assert_png(path.parent / "robustness_elr.png")
+    assert set(detect_kinds(load_cells(tmp_path))) == {"table1", "robustness"}
+
+
+def test_cli_prints_report_path(ablation_report: tuple[Path, str], tmp_path: Path) -> None:
+    sweep = ablation_report[0].parent.parent
+    out = tmp_path / "cli"
+    result = subprocess.run(
+        [sys.executable, "-m", "lqf_exp.report", str(sweep), "--out", str(out), "--kind", "ablation"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0] == str(out / "report.md")
+    assert "## Ablation (Fig. 2)" in result.stdout and (out / "cells.csv").is_file()
+    bad = subprocess.run(
+        [sys.executable, "-m", "lqf_exp.report", str(tmp_path / "nope")],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode != 0 and "does not exist" in bad.stderr
+
+
+def test_unknown_kind_raises(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown report kind"):
+        write_report(tmp_path, kind="fig9")
+
+
+def test_wandb_logging_is_a_noop_without_a_run(ablation_report: tuple[Path, str], monkeypatch) -> None:
+    out = ablation_report[0].parent
+    pytest.importorskip("wandb")
+    import wandb
+
+    assert wandb.run is None
+    assert log_tables_to_wandb(out) == 0
+
+    logged: dict[str, Any] = {}
+    fake_run = types.SimpleNamespace(log=logged.update)
+    fake = types.SimpleNamespace(run=fake_run, Table=lambda columns, data: (columns, data))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    assert log_tables_to_wandb(out) == len(list(out.glob("*.csv")))
+    columns, data = logged["report/ablation"]
+    assert "test_err_mean" in columns and len(data) == 16
