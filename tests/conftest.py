@@ -23,7 +23,7 @@ os.environ.setdefault("WANDB_SILENT", "true")
 register_resolvers()
 
 # Fast settings for runs through the same entry point as the CLI.
-SMOKE = ["debug=smoke", "model.weights=null", "data.batch_size=16"]
+SMOKE = ["debug=smoke", "model.weights=null", "data.batch_size=16", "precond=none"]
 
 requires_fashion_mnist = pytest.mark.skipif(
     not FASHION_MNIST_ROOT.is_dir(), reason="needs `apt-get install dataset-fashion-mnist`"

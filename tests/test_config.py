@@ -30,10 +30,18 @@ def test_every_group_has_options() -> None:
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_option_composes_and_resolves(group: str, option: str, tmp_path: Path) -> None:
-    cfg = compose_config([f"{group}={option}"], tmp_path)
+    prefix = "+" if group == "sweep" else ""  # sweeps are not in the defaults list
+    cfg = compose_config([f"{prefix}{group}={option}"], tmp_path)
     resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
     assert isinstance(resolved, dict)
     assert cfg.hydra.runtime.choices[group] == option
+
+
+def test_defaults_are_the_papers_lqf(tmp_path: Path) -> None:
+    cfg = compose_config([], tmp_path)
+    assert cfg.method._target_.endswith(".LQF") and cfg.loss._target_.endswith("ScaledMSELoss")
+    assert cfg.activation.name == "leaky_relu" and cfg.precond.name == "kfac"
+    assert cfg.model.arch == "small_resnet" and cfg.model.weights == "packaged" and cfg.data.name == "digits"
 
 
 def test_ablation_groups_compose_independently(tmp_path: Path) -> None:
@@ -55,7 +63,7 @@ def test_task_pretrain_sets_source_data_and_random_init(tmp_path: Path) -> None:
 
 def test_run_name_spells_out_the_factors(tmp_path: Path) -> None:
     cfg = compose_config(["activation=relu", "loss=mse", "seed=3"], tmp_path)
-    assert cfg.run_name.split("-") == ["digits", "small_resnet", "relu", "mse", "none", "finetune", "s3"]
+    assert cfg.run_name.split("-") == ["digits", "small_resnet", "relu", "mse", "kfac", "lqf", "s3"]
 
 
 @pytest.mark.parametrize(

@@ -144,11 +144,16 @@ class KFACPreconditioner(pl.Callback):
         loader = trainer.datamodule.train_dataloader()
         world, rank = max(1, trainer.world_size), trainer.global_rank
         if isinstance(getattr(loader, "sampler", None), DistributedSampler):  # already sharded by the loader
-            yield from (b for _, b in zip(range(math.ceil(self.num_batches / world)), loader, strict=False))
+            yield from (b for _, b in zip(range(math.ceil(self._batches(trainer) / world)), loader, strict=False))
             return
-        for i, batch in zip(range(self.num_batches), loader, strict=False):
+        for i, batch in zip(range(self._batches(trainer)), loader, strict=False):
             if i % world == rank:
                 yield batch
+
+    def _batches(self, trainer: pl.Trainer) -> int:
+        """``num_batches``, capped by an integer ``limit_train_batches`` (a smoke run should not estimate more)."""
+        limit = trainer.limit_train_batches
+        return min(self.num_batches, limit) if isinstance(limit, int) and limit > 0 else self.num_batches
 
     def _check_targets(self, targets: CurvatureTargets) -> None:
         if not targets.layers:
@@ -170,7 +175,7 @@ class KFACPreconditioner(pl.Callback):
             return
         start = time.perf_counter()
         self._acc = self._new_accumulator(trainer, pl_module)
-        n_local = math.ceil(self.num_batches / max(1, trainer.world_size))
+        n_local = math.ceil(self._batches(trainer) / max(1, trainer.world_size))
         bar = tqdm(total=n_local, desc="K-FAC factors", disable=not trainer.is_global_zero, leave=False)
         for batch in self._local_batches(trainer):
             self._accumulate(pl_module, batch)
