@@ -152,7 +152,7 @@ class KFACPreconditioner(pl.Callback):
 
     def _batches(self, trainer: pl.Trainer) -> int:
         """``num_batches``, capped by an integer ``limit_train_batches`` (a smoke run should not estimate more)."""
-        limit = trainer.limit_train_batches
+        limit = getattr(trainer, "limit_train_batches", None)
         return min(self.num_batches, limit) if isinstance(limit, int) and limit > 0 else self.num_batches
 
     def _check_targets(self, targets: CurvatureTargets) -> None:
