@@ -20,7 +20,7 @@ TINY = [*FAST, "seed=0"]
 
 def test_ablation_sweep_runs_8_cells_reports_and_skips_on_rerun(tmp_path: Path) -> None:
     sweep = tmp_path / "ablation"
-    args = ["-m", "+sweep=ablation", *TINY, f"hydra.sweep.dir={sweep}"]
+    args = ["-m", "+sweep=ablation", *TINY, "skip_finished=true", "resume=true", f"hydra.sweep.dir={sweep}"]
     first = run_cli(args, tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     metrics = sorted(sweep.glob("*/metrics.json"))
