@@ -14,6 +14,8 @@ def register_resolvers() -> None:
     if not OmegaConf.has_resolver("int_mul"):
         # Milestones as a fraction of the epochs, e.g. ${int_mul:${trainer.max_epochs},0.5}.
         OmegaConf.register_new_resolver("int_mul", lambda value, factor: max(1, int(value * factor)))
+    if not OmegaConf.has_resolver("mul"):
+        OmegaConf.register_new_resolver("mul", lambda value, factor: float(value) * float(factor))
 
 
 register_resolvers()

@@ -24,14 +24,26 @@ def check_damping(damping: float) -> float:
     return value
 
 
+def _eigh_psd(M: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigendecomposition of a PSD factor in float64. Low-rank factors (fewer samples than dimensions, e.g. a
+    late conv layer on small images) have a cluster of zero eigenvalues on which LAPACK can fail to converge;
+    then a jitter of 1e-12·max(diag), far below any damping, is added to the diagonal."""
+    M = M.to(torch.float64)
+    try:
+        return torch.linalg.eigh(M)
+    except torch.linalg.LinAlgError:
+        jitter = 1e-12 * float(M.diagonal().abs().max().clamp_min(1e-300))
+        return torch.linalg.eigh(M + jitter * torch.eye(M.shape[0], dtype=M.dtype, device=M.device))
+
+
 class KroneckerInverse:
     """``(G ⊗ A + γI)⁻¹`` acting on ``V`` of shape ``(out, in+1)`` (row-major flattening of W̃ = (W b))."""
 
     def __init__(self, A: Tensor, G: Tensor, damping: float, dtype: torch.dtype | None = None) -> None:
         self.damping = check_damping(damping)
         dtype = dtype or A.dtype
-        lam_A, Q_A = torch.linalg.eigh(A.to(torch.float64))
-        lam_G, Q_G = torch.linalg.eigh(G.to(torch.float64))
+        lam_A, Q_A = _eigh_psd(A)
+        lam_G, Q_G = _eigh_psd(G)
         # The factors are PSD; round-off can make tiny eigenvalues negative.
         lam_A, lam_G = lam_A.clamp_(min=0.0), lam_G.clamp_(min=0.0)
         self.Q_A, self.Q_G = Q_A.to(dtype), Q_G.to(dtype)
