@@ -83,7 +83,7 @@ def _build_module(cfg: DictConfig, datamodule: ClassificationDataModule) -> Clas
     )
 
 
-def _final_metrics(trainer: pl.Trainer, fit_metrics: dict[str, Any], test_metrics: dict[str, Any]) -> dict[str, float]:
+def _final_metrics(fit_metrics: dict[str, Any], test_metrics: dict[str, Any]) -> dict[str, float]:
     merged = {**fit_metrics, **test_metrics}
     return {key: float(value) for key, value in sorted(merged.items()) if key.startswith(("val/", "test/"))}
 
@@ -140,7 +140,7 @@ def _train_and_test(
     checkpoint = next((cb for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint)), None)
     best = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
     test_results = trainer.test(module, datamodule=datamodule, ckpt_path=best, weights_only=True, verbose=False)
-    metrics = _final_metrics(trainer, fit_metrics, test_results[0] if test_results else {})
+    metrics = _final_metrics(fit_metrics, test_results[0] if test_results else {})
 
     if cfg.task.name == "pretrain" and trainer.is_global_zero:
         _export_source_model(cfg, module, metrics, output_dir)

@@ -9,7 +9,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import Logger, WandbLogger
@@ -59,6 +58,3 @@ def finishing_wandb(loggers: list[Logger]) -> Iterator[None]:
             if wandb.run is not None:
                 wandb.finish(exit_code=exit_code)
 
-
-def is_global_zero(trainer: pl.Trainer | None) -> bool:
-    return trainer is None or trainer.is_global_zero
