@@ -14,12 +14,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["extract_features", "fit_ce_head", "init_head", "ridge_head"]
+__all__ = ["HEAD_INIT_KINDS", "check_head_init_kind", "extract_features", "fit_ce_head", "init_head", "ridge_head"]
 
+HEAD_INIT_KINDS = ("probe", "random")
 _ZERO_HEAD_MSG = (
     "A zero head makes the Jacobian of the output with respect to every backbone weight zero (each backbone "
-    "direction passes through the head), so LQF would train only the head. Use kind='probe' or 'random'."
+    "direction passes through the head), so only the head would learn. Use kind='probe' or 'random'."
 )
+
+
+def check_head_init_kind(kind: str) -> None:
+    """Refuse any head initialization but ``probe``/``random``; a zero head gets the reason spelled out."""
+    if kind == "zero":
+        raise ValueError(f"head init kind 'zero' is not allowed. {_ZERO_HEAD_MSG}")
+    if kind not in HEAD_INIT_KINDS:
+        raise ValueError(f"Unknown head init kind {kind!r}; valid: 'probe', 'random'. {_ZERO_HEAD_MSG}")
 
 
 def _head(net: nn.Module, head_name: str) -> nn.Linear:
@@ -128,10 +137,7 @@ def init_head(
     ``loss_kind="mse"`` (the "LQF FC" optimum), logistic regression for ``"ce"``. ``kind="random"``: PyTorch's
     default ``nn.Linear`` initialization (global RNG). ``"zero"`` or anything else raises ``ValueError``.
     """
-    if kind == "zero":
-        raise ValueError(f"init_head(kind='zero') is not allowed. {_ZERO_HEAD_MSG}")
-    if kind not in ("probe", "random"):
-        raise ValueError(f"Unknown head init kind {kind!r}; valid: 'probe', 'random'. {_ZERO_HEAD_MSG}")
+    check_head_init_kind(kind)
     if loss_kind not in ("mse", "ce"):
         raise ValueError(f"Unknown loss_kind {loss_kind!r}; valid: 'mse', 'ce'")
     head = _head(net, head_name)

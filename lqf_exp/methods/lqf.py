@@ -15,17 +15,11 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from lqf_exp.head_init import init_head
+from lqf_exp.head_init import check_head_init_kind, init_head
 from lqf_exp.linearize import LinearizedNetwork
-from lqf_exp.losses import ClassificationLoss, ScaledMSELoss
+from lqf_exp.losses import ClassificationLoss
 from lqf_exp.methods.base import ClassifierModule, OptimizerFactory, SchedulerFactory
 from lqf_exp.methods.curvature import CurvatureTargets
-
-HEAD_INIT_KINDS = ("probe", "random")
-ZERO_HEAD_REFUSAL = (
-    "method.head_init=zero is refused: every backbone direction of the Jacobian passes through the head, so a zero "
-    "head makes J(x; w0) zero for all backbone weights and only the head would learn. Use probe or random."
-)
 
 
 class LQF(ClassifierModule):
@@ -47,10 +41,7 @@ class LQF(ClassifierModule):
         head_init_l2: float | None = None,
         head_init_batches: int | None = None,
     ) -> None:
-        if head_init == "zero":
-            raise ValueError(ZERO_HEAD_REFUSAL)
-        if head_init not in HEAD_INIT_KINDS:
-            raise ValueError(f"method.head_init={head_init!r} is not one of {HEAD_INIT_KINDS}")
+        check_head_init_kind(head_init)  # fail at construction, not after the data are loaded for the fit
         keywords = getattr(optimizer, "keywords", {})
         self.weight_decay = float(keywords.get("weight_decay", 0.0))
         # The decay toward w0 is part of the objective; the optimizer must not add it a second time.
@@ -85,7 +76,7 @@ class LQF(ClassifierModule):
         return CurvatureTargets(
             network=self.linearized.base_network,
             layers=self.linearized.curvature_layers(),
-            constant=isinstance(self.loss_fn, ScaledMSELoss),
+            constant=self.loss_fn.kind == "mse",  # the MSE loss Hessian is constant; CE's moves
             outputs_fn=self.linearized,
         )
 
