@@ -135,7 +135,7 @@ def build_problem(task: str, l2: float, chunk: int) -> Problem:
     x_test, y_test = _stack(dm.test_dataset)
     net = build_network("small_resnet", num_classes=dm.num_classes, activation=ACTIVATION, weights="packaged")
     init_head(
-        net, DataLoader(TensorDataset(x, y), batch_size=chunk), kind="probe", loss_kind="mse", target_scale=ALPHA, l2=l2
+        net, DataLoader(TensorDataset(x, y), batch_size=chunk), kind="probe", loss=ScaledMSELoss(ALPHA), l2=l2
     )
     lin = LinearizedNetwork(net, linearize="all", bn_affine="freeze")
     lin64 = copy.deepcopy(lin).double()
@@ -205,10 +205,9 @@ def kfac_factors(prob: Problem) -> dict[str, tuple[Tensor, Tensor]]:
     acc = FactorAccumulator(
         lin.base_network,
         {n: b is not None for n, (_, b) in layers.items()},
-        "mse",
+        ScaledMSELoss(ALPHA),
         fisher_type="type2",
         kfac_approx="expand",
-        target_scale=ALPHA,
     )
     dtype = deltas(lin)[0].dtype
     for xc, yc in zip(prob.x.split(prob.chunk), prob.y.split(prob.chunk), strict=True):

@@ -7,7 +7,16 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from lqf_exp.head_init import extract_features, fit_ce_head, init_head, ridge_head
+from lqf_exp.head_fit import (
+    L2_GRID,
+    fit_logistic_head,
+    ridge_hat_matrix,
+    ridge_head,
+    ridge_loo_errors,
+    select_ridge_l2,
+)
+from lqf_exp.head_init import extract_features, init_head
+from lqf_exp.losses import CrossEntropyLoss, ScaledMSELoss
 
 ALPHA = 15.0
 
@@ -73,8 +82,8 @@ def test_zero_and_unknown_kinds_raise() -> None:
         init_head(net, None, kind="zero")
     with pytest.raises(ValueError, match="probe"):
         init_head(net, None, kind="xavier")
-    with pytest.raises(ValueError, match="loss_kind"):
-        init_head(net, None, kind="random", loss_kind="hinge")
+    with pytest.raises(ValueError, match="needs a loader and the loss"):
+        init_head(net, None, kind="probe", loss=ScaledMSELoss())
 
 
 def test_probe_improves_over_random_head() -> None:
@@ -83,7 +92,8 @@ def test_probe_improves_over_random_head() -> None:
     net = FeatureNet()
     init_head(net, kind="random")
     random_mse = mse(net, x, y)
-    init_head(net, batches(x, y), kind="probe", loss_kind="mse", target_scale=ALPHA, l2=1e-4)
+    fit = init_head(net, batches(x, y), kind="probe", loss=ScaledMSELoss(ALPHA), l2=1e-4)
+    assert fit is not None and fit.l2 == 1e-4
     probe_mse = mse(net, x, y)
     assert probe_mse < 0.1 * random_mse
     with torch.no_grad():
@@ -99,9 +109,37 @@ def test_ce_probe_is_deterministic_and_separates() -> None:
     x, y = blobs()
     net = FeatureNet()
     feats, labels = extract_features(net, batches(x, y))
-    W1, b1 = fit_ce_head(feats, labels, 3, steps=50)
-    W2, b2 = fit_ce_head(feats, labels, 3, steps=50)
-    assert torch.equal(W1, W2) and torch.equal(b1, b2)
-    assert ((feats @ W1.T + b1).argmax(1) == labels).all()
-    init_head(net, batches(x, y), kind="probe", loss_kind="ce", l2=1e-4, ce_steps=50)
-    assert torch.allclose(net.fc.weight, W1, atol=1e-6)
+    first, second = (fit_logistic_head(feats, labels, 3, l2=1e-4) for _ in range(2))
+    assert torch.equal(first.weight, second.weight) and torch.equal(first.bias, second.bias)
+    assert ((feats @ first.weight.T + first.bias).argmax(1) == labels).all()
+    init_head(net, batches(x, y), kind="probe", loss=CrossEntropyLoss(), l2=1e-4)
+    assert torch.allclose(net.fc.weight, first.weight, atol=1e-6)
+
+
+@pytest.mark.parametrize("l2", [1e-3, 0.3])
+def test_ridge_leave_one_out_is_exact(l2: float) -> None:
+    """The closed-form leave-one-out residual equals refitting without each sample (penalty N·l2/2 kept)."""
+    g = torch.Generator().manual_seed(3)
+    X, y = torch.randn(30, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (30,), generator=g)
+    N = len(y)
+    T = ALPHA * torch.nn.functional.one_hot(y, 3).double()
+    brute = []
+    for i in range(N):
+        keep = torch.arange(N) != i
+        W, b = ridge_head(X[keep], y[keep], 3, ALPHA, l2=l2 * N / (N - 1))  # same Σ-form penalty N·l2/2
+        brute.append((T[i] - (X[i] @ W.T + b)).pow(2).sum())
+    closed = ridge_loo_errors(X, y, 3, ALPHA, grid=(l2,))[0]
+    torch.testing.assert_close(closed, torch.stack(brute).mean(), rtol=1e-9, atol=0)
+    W, b = ridge_head(X, y, 3, ALPHA, l2=l2)
+    torch.testing.assert_close(ridge_hat_matrix(X, l2) @ T, X @ W.T + b, rtol=1e-9, atol=1e-9)
+
+
+def test_leave_one_out_penalty_regularizes_a_head_that_would_interpolate() -> None:
+    """With more features than samples the unregularized head fits noise; leave-one-out picks a penalty."""
+    g = torch.Generator().manual_seed(4)
+    y = torch.arange(12) % 3
+    X = torch.randn(12, 40, generator=g, dtype=torch.float64) + 2.0 * torch.nn.functional.one_hot(y, 40).double()
+    errors = ridge_loo_errors(X, y, 3, ALPHA)
+    chosen = select_ridge_l2(X, y, 3, ALPHA)
+    assert chosen == L2_GRID[int(errors.argmin())] and chosen > L2_GRID[0]
+    assert errors.min() < errors[0]

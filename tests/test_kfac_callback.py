@@ -9,21 +9,15 @@ from types import SimpleNamespace
 import pytest
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lqf_exp.methods.curvature import CurvatureTargets
+from lqf_exp.curvature import CurvatureTargets
 from lqf_exp.precond import FactorAccumulator, KFACPreconditioner
 
+from .helpers.losses import make_loss
+
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
-
-
-class ToyMSE(nn.Module):
-    kind, target_scale = "mse", 2.0
-
-    def forward(self, f: Tensor, y: Tensor) -> Tensor:
-        return (f - self.target_scale * F.one_hot(y, f.shape[1]).to(f.dtype)).pow(2).sum(dim=1).mean()
 
 
 class SpySGD(torch.optim.SGD):
@@ -45,15 +39,16 @@ class ToyModule(pl.LightningModule):
         super().__init__()
         torch.manual_seed(0)
         self.net = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
-        self.loss_fn, self.constant = ToyMSE(), constant
-        self.damping_offset = 0.01  # the method's weight decay toward w0, added to the K-FAC damping
+        self.loss_fn, self.constant = make_loss("mse", 2.0), constant
         self.raw: list[list[Tensor]] = []
         self.seen: list[list[Tensor]] = []
 
     def curvature_targets(self) -> CurvatureTargets:
         # layer "2"'s bias is trainable but not a target: it must keep its plain gradient
         layers = {"0": (self.net[0].weight, self.net[0].bias), "2": (self.net[2].weight, None)}
-        return CurvatureTargets(network=self.net, layers=layers, constant=self.constant)
+        # damping_offset: the method's weight decay toward w0, added to the K-FAC damping
+        return CurvatureTargets(network=self.net, layers=layers, loss=self.loss_fn, constant=self.constant,
+                                damping_offset=0.01)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         return self.loss_fn(self.net(batch[0]), batch[1])
@@ -82,7 +77,7 @@ def fit(module: ToyModule, cb: KFACPreconditioner, steps: int) -> None:
 
 
 def factors_at_w0(module: ToyModule, num_batches: int) -> dict[str, tuple[Tensor, Tensor]]:
-    acc = FactorAccumulator(module.net, {"0": True, "2": False}, "mse", target_scale=2.0)
+    acc = FactorAccumulator(module.net, {"0": True, "2": False}, make_loss("mse", 2.0))
     for _, (x, y) in zip(range(num_batches), ToyData().train_dataloader(), strict=False):
         acc.accumulate(x, y)
     return acc.finalize(dtype=torch.float32)
@@ -151,8 +146,8 @@ def test_bad_config_and_loss_raise() -> None:
     with pytest.raises(ValueError, match="update_every"):
         KFACPreconditioner(update_every=0)
     module = ToyModule(constant=True)
-    module.loss_fn = nn.MSELoss()  # no `kind`: the per-sample convention would be unknown
-    with pytest.raises(ValueError, match="loss_fn.kind"):
+    module.loss_fn = nn.MSELoss()  # not a ClassificationLoss: its output-space curvature would be unknown
+    with pytest.raises(TypeError, match="ClassificationLoss"):
         fit(module, KFACPreconditioner(num_batches=1), steps=1)
 
 

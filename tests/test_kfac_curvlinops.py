@@ -16,6 +16,8 @@ curvlinops = pytest.importorskip("curvlinops")
 
 from lqf_exp.precond import FactorAccumulator, KroneckerInverse, precondition_layer  # noqa: E402
 
+from .helpers.losses import make_loss
+
 DT = torch.float64
 ALPHA, C = 2.0, 5
 LAYERS = {"0": True, "2": True, "5": True}
@@ -36,7 +38,7 @@ def data() -> list[tuple[Tensor, Tensor]]:
 
 
 def ours(net: nn.Module, loss: str, approx: str) -> dict[str, tuple[Tensor, Tensor]]:
-    acc = FactorAccumulator(net, LAYERS, loss, kfac_approx=approx, target_scale=ALPHA)
+    acc = FactorAccumulator(net, LAYERS, make_loss(loss, ALPHA), kfac_approx=approx)
     for x, y in data():
         acc.accumulate(x, y)
     return acc.finalize("mean")

@@ -15,6 +15,8 @@ from torch import Tensor, nn
 
 from lqf_exp.precond import FactorAccumulator, KroneckerInverse, precondition_layer
 
+from .helpers.losses import make_loss
+
 DT = torch.float64
 LAYERS = {"0": True, "2": False, "5": True}
 
@@ -33,7 +35,7 @@ def batches() -> list[tuple[Tensor, Tensor]]:
 
 def factors_and_grads(shard: list[tuple[Tensor, Tensor]]) -> dict[str, object]:
     net = cnn()
-    acc = FactorAccumulator(net, LAYERS, "ce")
+    acc = FactorAccumulator(net, LAYERS, make_loss("ce"))
     for x, y in shard:
         acc.accumulate(x, y)
     acc.all_reduce()

@@ -15,6 +15,8 @@ from torch.func import functional_call, hessian, jacrev, jvp
 
 from lqf_exp.precond import FactorAccumulator
 
+from .helpers.losses import make_loss
+
 DT = torch.float64
 ALPHA = 1.5  # MSE target scale, to check it enters the empirical factor
 
@@ -63,7 +65,7 @@ def dense_ef_block(net: nn.Module, name: str, x: Tensor, y: Tensor, loss: str) -
 def kfac_blocks(net: nn.Module, x: Tensor, y: Tensor, loss: str, fisher: str, mc: int = 1, reduction: str = "mean",
                 repeats: int = 1, **kw) -> dict[str, Tensor]:
     layers = {n: True for n, m in net.named_modules() if isinstance(m, nn.Linear)}
-    acc = FactorAccumulator(net, layers, loss, fisher_type=fisher, mc_samples=mc, target_scale=ALPHA,
+    acc = FactorAccumulator(net, layers, make_loss(loss, ALPHA), fisher_type=fisher, mc_samples=mc,
                             generator=torch.Generator().manual_seed(0))
     acc.accumulate(x.repeat(repeats, 1), y.repeat(repeats), **kw)
     return {n: torch.kron(G, A) for n, (A, G) in acc.finalize(reduction).items()}
@@ -131,7 +133,7 @@ def test_mean_vs_sum_scaling() -> None:
     """A is a data mean for both reductions; G (the reduction carrier) is N times larger for sum."""
     net, N = mlp(nn.Tanh), 7
     x, y = torch.randn(N, 5, dtype=DT), torch.randint(0, 2, (N,))
-    acc = FactorAccumulator(net, {"0": True, "4": False}, "ce")
+    acc = FactorAccumulator(net, {"0": True, "4": False}, make_loss("ce"))
     acc.accumulate(x, y)
     mean, total = acc.finalize("mean"), acc.finalize("sum")
     for name in mean:
@@ -210,7 +212,7 @@ def test_conv_inplace_relu_no_grad_write_and_frozen_net() -> None:
     layers = {"0": True, "2": True, "4": True}
     results = []
     for model in (ref_net, net):
-        acc = FactorAccumulator(model, layers, "ce")
+        acc = FactorAccumulator(model, layers, make_loss("ce"))
         acc.accumulate(x, y)
         results.append(acc.finalize())
         assert all(p.grad is None for p in model.parameters())
@@ -222,11 +224,11 @@ def test_conv_inplace_relu_no_grad_write_and_frozen_net() -> None:
 def test_invalid_layers_raise() -> None:
     net = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.ReLU())
     with pytest.raises(NotImplementedError, match="groups=1"):
-        FactorAccumulator(net, {"0": True}, "ce")
+        FactorAccumulator(net, {"0": True}, make_loss("ce"))
     with pytest.raises(TypeError, match="Linear and nn.Conv2d"):
-        FactorAccumulator(net, {"1": True}, "ce")
+        FactorAccumulator(net, {"1": True}, make_loss("ce"))
     with pytest.raises(ValueError, match="fisher_type"):
-        FactorAccumulator(nn.Linear(2, 2), {"": True}, "ce", fisher_type="kfac")
+        FactorAccumulator(nn.Linear(2, 2), {"": True}, make_loss("ce"), fisher_type="kfac")
 
 
 @pytest.mark.parametrize("loss", ["mse", "ce"])
@@ -244,8 +246,8 @@ def test_project_linearized_network(loss: str) -> None:
             d.normal_(0.0, 0.3)
     x, y = torch.randn(1, 5, dtype=DT), torch.tensor([1])
     layers = lin.curvature_layers()
-    acc = FactorAccumulator(lin.base_network, {n: b is not None for n, (_, b) in layers.items()}, loss,
-                            target_scale=ALPHA)
+    acc = FactorAccumulator(lin.base_network, {n: b is not None for n, (_, b) in layers.items()},
+                            make_loss(loss, ALPHA))
     acc.accumulate(x, y, outputs_fn=lin)
     for name, (A, G) in acc.finalize().items():
         dw, db = layers[name]

@@ -13,7 +13,8 @@ import torchvision
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev
 
-from lqf_exp.head_init import extract_features, ridge_head
+from lqf_exp.head_fit import ridge_head
+from lqf_exp.head_init import extract_features
 from lqf_exp.linearize import LinearizedNetwork, zero_gradient_fraction
 
 ALPHA = 15.0

@@ -15,9 +15,9 @@ from torch import Tensor, nn
 from torch.utils.data import DistributedSampler
 from tqdm.auto import tqdm
 
-from lqf_exp.methods.curvature import CurvatureTargets
-from lqf_exp.precond.factors import FISHER_TYPES, KFAC_APPROXES, LOSSES, FactorAccumulator, _check_choice
-from lqf_exp.precond.inverse import KroneckerInverse, check_damping, precondition_layer
+from lqf_exp.curvature import CurvatureTargets, LayerTensors
+from lqf_exp.precond.factors import FISHER_TYPES, KFAC_APPROXES, FactorAccumulator, _check_choice
+from lqf_exp.precond.inverse import KroneckerInverse, check_damping, join_layer, precondition_layer, split_layer
 
 Factors = dict[str, tuple[Tensor, Tensor]]
 
@@ -41,15 +41,17 @@ def _split_batch(batch: Any) -> tuple[Tensor, Tensor | None]:
 
 
 class KFACPreconditioner(pl.Callback):
-    """Replaces the gradients of ``pl_module.curvature_targets().layers`` by ``(G ⊗ A + γI)⁻¹ g`` before each step.
+    """Damped K-FAC ``(G ⊗ A + γI)⁻¹`` for the layers of ``pl_module.curvature_targets()``.
 
-    ``γ = damping + pl_module.damping_offset`` (the weight decay the method applies toward w0; 0 if absent).
-    Factors come from ``num_batches`` batches of ``trainer.datamodule.train_dataloader()`` at fit start (sharded
-    across ranks and all-reduced under DDP). If the curvature is not constant they are recomputed every
-    ``update_every`` optimizer steps from the training batches of the ``min(num_batches, update_every)`` steps
-    that precede the refresh. The loss kind comes from ``pl_module.loss_fn.kind`` (``mse``/``ce``) and the MSE
-    target scale from ``pl_module.loss_fn.target_scale``. Gradients of trainable tensors that are not targets
-    are left as they are. ``save_factors`` puts the factors in checkpoints (else they are recomputed on resume).
+    ``γ = damping + targets.damping_offset`` (the λ of the method's ``(λ/2)‖δ‖²``). Factors come from
+    ``num_batches`` batches of ``trainer.datamodule.train_dataloader()`` at fit start (sharded across ranks and
+    all-reduced under DDP), with the output-space curvature of ``targets.loss``. Methods that step their own
+    parameters (``targets.attach``: LQF's solvers) receive this object and call :meth:`precondition`; for the others
+    the gradients of the targets are replaced by the preconditioned ones before every optimizer step, and if the
+    curvature is not constant the factors are recomputed every ``update_every`` optimizer steps from the training
+    batches of the ``min(num_batches, update_every)`` steps that precede the refresh. Gradients of trainable
+    tensors that are not targets are left as they are. ``save_factors`` puts the factors in checkpoints (else they
+    are recomputed on resume).
     """
 
     def __init__(
@@ -83,29 +85,21 @@ class KFACPreconditioner(pl.Callback):
         self._stale = False
 
     # -- helpers ----------------------------------------------------------------------------------------------
-    @staticmethod
-    def _loss_spec(pl_module: pl.LightningModule) -> tuple[str, float]:
-        loss_fn = getattr(pl_module, "loss_fn", None)
-        kind = getattr(loss_fn, "kind", None)
-        if kind not in LOSSES:
-            raise ValueError(f"K-FAC needs pl_module.loss_fn.kind in {LOSSES}, got {kind!r}")
-        return kind, float(getattr(loss_fn, "target_scale", 1.0))
+    def gamma(self) -> float:
+        """Total damping: ``damping`` plus the targets' ``damping_offset`` (the method's λ toward w0)."""
+        assert self._targets is not None
+        return check_damping(self.damping + float(self._targets.damping_offset))
 
-    def gamma(self, pl_module: pl.LightningModule) -> float:
-        """Total damping: ``damping`` plus the module's ``damping_offset`` (its weight decay toward w0)."""
-        return check_damping(self.damping + float(getattr(pl_module, "damping_offset", 0.0) or 0.0))
-
-    def _new_accumulator(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> FactorAccumulator:
+    def _new_accumulator(self, trainer: pl.Trainer) -> FactorAccumulator:
         targets = self._targets
         assert targets is not None
-        kind, alpha = self._loss_spec(pl_module)
         device = next(iter(targets.layers.values()))[0].device
         generator = torch.Generator(device=device)
         generator.manual_seed(self.seed + 7919 * trainer.global_rank + 104729 * self.num_updates)
         return FactorAccumulator(
-            targets.network, {n: b is not None for n, (_, b) in targets.layers.items()}, kind,
+            targets.network, {n: b is not None for n, (_, b) in targets.layers.items()}, targets.loss,
             fisher_type=self.fisher_type, mc_samples=self.mc_samples, kfac_approx=self.kfac_approx,
-            target_scale=alpha, generator=generator,
+            generator=generator,
         )
 
     def _accumulate(self, pl_module: pl.LightningModule, batch: Any) -> int:
@@ -116,7 +110,7 @@ class KFACPreconditioner(pl.Callback):
         with _eval_mode(self._targets.network):
             return self._acc.accumulate(x, y, self._targets.outputs_fn)
 
-    def _finish(self, pl_module: pl.LightningModule) -> None:
+    def _finish(self) -> None:
         """All-reduce the accumulated sums, normalize, and (re)build the inverses."""
         assert self._acc is not None
         self._acc.all_reduce()
@@ -125,12 +119,12 @@ class KFACPreconditioner(pl.Callback):
         self.stats["samples"] = self._acc.count
         self._acc = None
         self.num_updates += 1
-        self.invert(pl_module)
+        self.invert()
 
-    def invert(self, pl_module: pl.LightningModule) -> None:
-        """Eigendecompose the current factors with damping ``gamma(pl_module)``."""
+    def invert(self) -> None:
+        """Eigendecompose the current factors with damping ``gamma()``."""
         assert self.factors is not None and self._targets is not None
-        gamma = self.gamma(pl_module)
+        gamma = self.gamma()
         self.inverses = {}
         for name, (weight, _) in self._targets.layers.items():
             A, G = (t.to(weight.device) for t in self.factors[name])
@@ -171,43 +165,69 @@ class KFACPreconditioner(pl.Callback):
         self._targets = pl_module.curvature_targets()
         self._check_targets(self._targets)
         if self.factors is not None:  # restored from a checkpoint: no recomputation
-            self.invert(pl_module)
+            self.invert()
+            self._attach()
             return
         start = time.perf_counter()
-        self._acc = self._new_accumulator(trainer, pl_module)
+        self._acc = self._new_accumulator(trainer)
         n_local = math.ceil(self._batches(trainer) / max(1, trainer.world_size))
         bar = tqdm(total=n_local, desc="K-FAC factors", disable=not trainer.is_global_zero, leave=False)
         for batch in self._local_batches(trainer):
             self._accumulate(pl_module, batch)
             bar.update(1)
         bar.close()
-        self._finish(pl_module)
+        self._finish()
         self.stats["seconds"] = time.perf_counter() - start
         rank_zero_info(f"K-FAC ({self.fisher_type}, {self.kfac_approx}): factors of {len(self.factors or {})} "
                        f"layers from {self.stats['samples']} samples in {self.stats['seconds']:.2f}s")
         for logger in trainer.loggers:  # self.log is not allowed in on_fit_start
             logger.log_metrics({"precond/factor_seconds": self.stats["seconds"],
                                 "precond/factor_samples": float(self.stats["samples"])}, step=trainer.global_step)
+        self._attach()
+
+    def _attach(self) -> None:
+        if self._targets is not None and self._targets.attach is not None:
+            self._targets.attach(self)
+
+    # -- the preconditioner as an operator, for methods that step their own parameters ------------------------
+    @torch.no_grad()
+    def precondition(self, vectors: LayerTensors) -> LayerTensors:
+        """``(G ⊗ A + γI)⁻¹ v`` per layer; ``vectors`` maps target layer names to (weight, bias)-shaped tensors."""
+        if self._stale or not self.inverses:
+            self.invert()
+        out: LayerTensors = {}
+        for name, (weight, bias) in vectors.items():
+            out[name] = split_layer(self.inverses[name].apply(join_layer(weight, bias)), weight.shape,
+                                    bias is not None)
+        return out
+
+    def set_damping_offset(self, offset: float) -> None:
+        """Re-scale the inverses for ``γ = damping + offset`` (the eigendecompositions are kept)."""
+        assert self._targets is not None
+        self._targets.damping_offset = float(offset)
+        gamma = self.gamma()
+        for inverse in self.inverses.values():
+            inverse.with_damping(gamma)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        if self._targets is None or self._targets.constant or self.steps == 0:
+        if self._targets is None or self._targets.constant or self._targets.attach is not None or self.steps == 0:
             return
         window = min(self.num_batches, self.update_every)
         if (-self.steps) % self.update_every < window:  # one of the steps just before a refresh
             if self._acc is None:
-                self._acc = self._new_accumulator(trainer, pl_module)
+                self._acc = self._new_accumulator(trainer)
             self._accumulate(pl_module, batch)
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
-        if self._targets is None or self.factors is None:
+        if self._targets is None or self.factors is None or self._targets.attach is not None:
             return
         refresh = not self._targets.constant and self.steps > 0 and self.steps % self.update_every == 0
         if refresh and self._acc is not None:
-            self._finish(pl_module)
+            self._finish()
         elif self._stale or not self.inverses:
-            self.invert(pl_module)
+            self.invert()
         for name, (weight, bias) in self._targets.layers.items():
             precondition_layer(self.inverses[name], weight, bias)
         self.steps += 1

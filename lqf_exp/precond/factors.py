@@ -23,9 +23,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lqf_exp.losses import ClassificationLoss
+
 FISHER_TYPES = ("type2", "mc", "empirical")
 KFAC_APPROXES = ("expand", "reduce")
-LOSSES = ("mse", "ce")
 REDUCTIONS = ("mean", "sum")
 
 # Unfolded conv inputs are processed in chunks of at most this many elements, to bound peak memory.
@@ -65,22 +66,23 @@ class FactorAccumulator:
     """Accumulates K-FAC factor sums over batches; ``finalize`` normalizes by the (global) sample count.
 
     ``layers`` maps a ``Linear``/``Conv2d`` module name of ``network`` to whether its bias is preconditioned
-    (a 1 is then appended to the input). ``loss`` is ``mse`` (per-sample ``Σ_c (f_c − α·onehot_c)²``, α =
-    ``target_scale``) or ``ce``. The factors do not touch any parameter's ``.grad``.
+    (a 1 is then appended to the input). ``loss`` supplies the output-space curvature (its Hessian square root,
+    sampled or empirical gradients). The factors do not touch any parameter's ``.grad``.
     """
 
     def __init__(
         self,
         network: nn.Module,
         layers: Mapping[str, bool],
-        loss: str,
+        loss: ClassificationLoss,
         fisher_type: str = "type2",
         mc_samples: int = 1,
         kfac_approx: str = "expand",
-        target_scale: float = 1.0,
         generator: torch.Generator | None = None,
     ) -> None:
-        _check_choice("loss", loss, LOSSES)
+        if not isinstance(loss, ClassificationLoss):
+            raise TypeError(f"K-FAC needs a lqf_exp.losses.ClassificationLoss (it owns its output-space curvature), "
+                            f"got {type(loss).__name__}")
         _check_choice("fisher_type", fisher_type, FISHER_TYPES)
         _check_choice("kfac_approx", kfac_approx, KFAC_APPROXES)
         if int(mc_samples) < 1:
@@ -89,7 +91,7 @@ class FactorAccumulator:
             raise ValueError("K-FAC needs at least one layer to precondition")
         self.network, self.loss, self.fisher_type = network, loss, fisher_type
         self.mc_samples, self.kfac_approx = int(mc_samples), kfac_approx
-        self.target_scale, self.generator = float(target_scale), generator
+        self.generator = generator
         self.modules: dict[str, nn.Module] = {}
         for name, _ in layers.items():
             module = network.get_submodule(name)
@@ -166,26 +168,13 @@ class FactorAccumulator:
     # -- back-propagated vectors ------------------------------------------------------------------------------
     def _backward_vectors(self, f: Tensor, y: Tensor | None) -> tuple[Tensor, float]:
         """``(K, N, C)`` vectors whose outer products average to the loss Hessian, and the scale of each."""
-        N, C = f.shape
-        eye = torch.eye(C, dtype=f.dtype, device=f.device)
         if self.fisher_type == "empirical":
             if y is None:
                 raise ValueError("fisher_type='empirical' needs labels")
-            onehot = F.one_hot(y.long(), C).to(f.dtype)
-            if self.loss == "mse":
-                return (2.0 * (f - self.target_scale * onehot))[None], 1.0
-            return (f.softmax(dim=1) - onehot)[None], 1.0
-        if self.loss == "mse":
-            if self.fisher_type == "type2":  # Hessian 2I = (√2 I)(√2 I)ᵀ
-                return math.sqrt(2.0) * eye[:, None, :].expand(C, N, C), 1.0
-            # sampled target ỹ ~ N(f, ½I): the gradient 2(f − ỹ) ~ N(0, 2I) has E[ggᵀ] = 2I
-            noise = torch.randn((self.mc_samples, N, C), dtype=f.dtype, device=f.device, generator=self.generator)
-            return math.sqrt(2.0) * noise, 1.0 / self.mc_samples
-        p = f.softmax(dim=1)
-        if self.fisher_type == "type2":  # diag(p) − ppᵀ = S Sᵀ with column c of S = √p_c (e_c − p)
-            return p.T.sqrt()[:, :, None] * (eye[:, None, :] - p[None]), 1.0
-        idx = torch.multinomial(p, self.mc_samples, replacement=True, generator=self.generator)  # (N, M)
-        return p[None] - F.one_hot(idx.T, C).to(f.dtype), 1.0 / self.mc_samples
+            return self.loss.output_gradient(f, y)[None], 1.0
+        if self.fisher_type == "type2":
+            return self.loss.hessian_sqrt(f), 1.0
+        return self.loss.sampled_gradients(f, self.mc_samples, self.generator), 1.0 / self.mc_samples
 
     @staticmethod
     @torch.no_grad()

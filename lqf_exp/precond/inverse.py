@@ -37,17 +37,26 @@ def _eigh_psd(M: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class KroneckerInverse:
-    """``(G ⊗ A + γI)⁻¹`` acting on ``V`` of shape ``(out, in+1)`` (row-major flattening of W̃ = (W b))."""
+    """``(G ⊗ A + γI)⁻¹`` acting on ``V`` of shape ``(out, in+1)`` (row-major flattening of W̃ = (W b)).
+
+    The eigendecompositions are computed once; :meth:`with_damping` re-scales for another γ without redoing them.
+    """
 
     def __init__(self, A: Tensor, G: Tensor, damping: float, dtype: torch.dtype | None = None) -> None:
-        self.damping = check_damping(damping)
         dtype = dtype or A.dtype
         lam_A, Q_A = _eigh_psd(A)
         lam_G, Q_G = _eigh_psd(G)
         # The factors are PSD; round-off can make tiny eigenvalues negative.
-        lam_A, lam_G = lam_A.clamp_(min=0.0), lam_G.clamp_(min=0.0)
+        self.eigenvalues = torch.outer(lam_G.clamp(min=0.0), lam_A.clamp(min=0.0))  # float64, (out, in+1)
         self.Q_A, self.Q_G = Q_A.to(dtype), Q_G.to(dtype)
-        self.scale = (1.0 / (torch.outer(lam_G, lam_A) + self.damping)).to(dtype)
+        self.damping = check_damping(damping)
+        self.scale = (1.0 / (self.eigenvalues + self.damping)).to(dtype)
+
+    def with_damping(self, damping: float) -> KroneckerInverse:
+        """This inverse with another damping γ (same eigenbases)."""
+        self.damping = check_damping(damping)
+        self.scale = (1.0 / (self.eigenvalues + self.damping)).to(self.Q_A.dtype)
+        return self
 
     def apply(self, V: Tensor) -> Tensor:
         """Return ``(G ⊗ A + γI)⁻¹ rvec(V)`` reshaped like ``V``."""
@@ -55,17 +64,25 @@ class KroneckerInverse:
         return Q_G @ ((Q_G.T @ V @ Q_A) * scale) @ Q_A.T
 
 
+def join_layer(weight: Tensor, bias: Tensor | None) -> Tensor:
+    """A layer's (weight, bias) tensors as one ``(out, in+1)`` matrix W̃ = (W b) (``(out, in)`` without bias)."""
+    V = weight.reshape(weight.shape[0], -1)
+    return V if bias is None else torch.cat([V, bias.reshape(-1, 1)], dim=1)
+
+
+def split_layer(P: Tensor, weight_shape: torch.Size, bias: bool) -> tuple[Tensor, Tensor | None]:
+    """Inverse of :func:`join_layer`."""
+    n_w = P.shape[1] - int(bias)
+    return P[:, :n_w].reshape(weight_shape).contiguous(), (P[:, n_w].contiguous() if bias else None)
+
+
 def joint_grad(weight: Tensor, bias: Tensor | None) -> Tensor | None:
     """The gradient of W̃ = (W b) as ``(out, in+1)``; ``None`` when neither tensor has a gradient."""
-    grads = [weight.grad, None if bias is None else bias.grad]
-    if all(g is None for g in grads):
+    if weight.grad is None and (bias is None or bias.grad is None):
         return None
     gw = weight.grad if weight.grad is not None else torch.zeros_like(weight)
-    V = gw.reshape(weight.shape[0], -1)
-    if bias is not None:
-        gb = bias.grad if bias.grad is not None else torch.zeros_like(bias)
-        V = torch.cat([V, gb.reshape(-1, 1)], dim=1)
-    return V
+    gb = None if bias is None else (bias.grad if bias.grad is not None else torch.zeros_like(bias))
+    return join_layer(gw, gb)
 
 
 @torch.no_grad()
@@ -74,11 +91,9 @@ def precondition_layer(inverse: KroneckerInverse, weight: Tensor, bias: Tensor |
     V = joint_grad(weight, bias)
     if V is None:
         return False
-    P = inverse.apply(V)
-    n_w = V.shape[1] - int(bias is not None)
-    weight.grad = P[:, :n_w].reshape(weight.shape).contiguous()
+    weight.grad, bias_grad = split_layer(inverse.apply(V), weight.shape, bias is not None)
     if bias is not None:
-        bias.grad = P[:, n_w].reshape(bias.shape).contiguous()
+        bias.grad = bias_grad
     return True
 
 
