@@ -1,10 +1,12 @@
-"""Curvature preconditioners: K-FAC factors, their exactly damped inverse, and the Lightning callback."""
+"""Curvature preconditioners: K-FAC factors, EKFAC eigenvalue corrections, their exactly damped inverse, and the
+Lightning callback."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from lqf_exp.precond.factors import FISHER_TYPES, KFAC_APPROXES, FactorAccumulator
+from lqf_exp.precond.ekfac import EigenvalueCorrection
+from lqf_exp.precond.factors import FISHER_TYPES, KFAC_APPROXES, FactorAccumulator, LayerHookPass
 from lqf_exp.precond.inverse import KroneckerInverse, memory_bytes, precondition_layer
 
 if TYPE_CHECKING:
@@ -13,9 +15,11 @@ if TYPE_CHECKING:
 __all__ = [
     "FISHER_TYPES",
     "KFAC_APPROXES",
+    "EigenvalueCorrection",
     "FactorAccumulator",
     "KFACPreconditioner",
     "KroneckerInverse",
+    "LayerHookPass",
     "memory_bytes",
     "precondition_layer",
 ]

@@ -10,7 +10,8 @@ vectors back-propagated to the layer outputs. Scaling, for a loss ``R · Σ_n �
   loss Hessian (unscaled by R); ``R = 1/N`` for ``reduction="mean"`` (the project's losses) and 1 for ``"sum"``.
 
 Sums and the sample count are accumulated separately so that a distributed all-reduce of both gives exactly the
-factors of one process that saw all the data.
+factors of one process that saw all the data. The hooks and the back-propagated vectors live in
+:class:`LayerHookPass`, which the EKFAC eigenvalue correction (:mod:`lqf_exp.precond.ekfac`) reuses.
 """
 
 from __future__ import annotations
@@ -62,12 +63,36 @@ def check_layer(name: str, module: nn.Module) -> None:
         _conv_padding(module)
 
 
-class FactorAccumulator:
-    """Accumulates K-FAC factor sums over batches; ``finalize`` normalizes by the (global) sample count.
+def input_rows(module: nn.Module, x: Tensor, with_bias: bool) -> Tensor:
+    """``(N, P, in[+1])`` layer inputs per sample and shared position (conv: the unfolded patches, in the order of
+    ``weight.view(out, -1)``; linear: the positions of a >2-d input), a 1 appended when the bias is included."""
+    if isinstance(module, nn.Conv2d):
+        rows = F.unfold(x, kernel_size=module.kernel_size, dilation=module.dilation, padding=_conv_padding(module),
+                        stride=module.stride).transpose(1, 2)
+    else:
+        rows = x.reshape(x.shape[0], -1, x.shape[-1])
+    return torch.cat([rows, rows.new_ones(*rows.shape[:-1], 1)], dim=-1) if with_bias else rows
 
-    ``layers`` maps a ``Linear``/``Conv2d`` module name of ``network`` to whether its bias is preconditioned
-    (a 1 is then appended to the input). ``loss`` supplies the output-space curvature (its Hessian square root,
-    sampled or empirical gradients). The factors do not touch any parameter's ``.grad``.
+
+def output_rows(module: nn.Module, g: Tensor) -> Tensor:
+    """``(N, P, out)`` vectors at the layer outputs, positions aligned with :func:`input_rows`."""
+    return g.flatten(2).transpose(1, 2) if isinstance(module, nn.Conv2d) else g.reshape(g.shape[0], -1, g.shape[-1])
+
+
+def sample_chunks(x: Tensor, elements_per_sample: int, budget: int = _UNFOLD_CHUNK) -> tuple[Tensor, ...]:
+    """``x`` split along samples so that each chunk's derived tensors hold at most ``budget`` elements."""
+    return x.split(max(1, budget // max(1, elements_per_sample)))
+
+
+class LayerHookPass:
+    """One forward pass and one backward pass per output-space vector over a batch, with hooks on chosen
+    ``Linear``/``Conv2d`` layers: the machinery shared by the K-FAC factors and the EKFAC eigenvalue correction.
+
+    ``layers`` maps a module name of ``network`` to whether its bias is preconditioned. ``loss`` supplies the
+    output-space vectors (columns of its Hessian square root, sampled or empirical gradients); subclasses receive
+    each layer input in :meth:`_on_input` and each back-propagated vector at the layer output in
+    :meth:`_on_output_grad` (weighted by ``self._g_scale``), and name their summed statistics in :meth:`_stores`
+    so that :meth:`all_reduce` sums them and the sample count over processes. No parameter's ``.grad`` is touched.
     """
 
     def __init__(
@@ -77,69 +102,39 @@ class FactorAccumulator:
         loss: ClassificationLoss,
         fisher_type: str = "type2",
         mc_samples: int = 1,
-        kfac_approx: str = "expand",
         generator: torch.Generator | None = None,
     ) -> None:
         if not isinstance(loss, ClassificationLoss):
             raise TypeError(f"K-FAC needs a lqf_exp.losses.ClassificationLoss (it owns its output-space curvature), "
                             f"got {type(loss).__name__}")
         _check_choice("fisher_type", fisher_type, FISHER_TYPES)
-        _check_choice("kfac_approx", kfac_approx, KFAC_APPROXES)
         if int(mc_samples) < 1:
             raise ValueError(f"mc_samples must be >= 1, got {mc_samples}")
         if not layers:
             raise ValueError("K-FAC needs at least one layer to precondition")
         self.network, self.loss, self.fisher_type = network, loss, fisher_type
-        self.mc_samples, self.kfac_approx = int(mc_samples), kfac_approx
-        self.generator = generator
+        self.mc_samples, self.generator = int(mc_samples), generator
         self.modules: dict[str, nn.Module] = {}
-        for name, _ in layers.items():
+        for name in layers:
             module = network.get_submodule(name)
             check_layer(name, module)
             self.modules[name] = module
         self.with_bias = {name: bool(b) for name, b in layers.items()}
-        self.A_sum: dict[str, Tensor] = {}
-        self.G_sum: dict[str, Tensor] = {}
         self.count = 0
         self._g_scale = 1.0
         self._calls: dict[str, int] = {}
         self._anchors: list[Tensor] = []
 
-    # -- per-layer statistics ---------------------------------------------------------------------------------
-    def _input_rows(self, name: str, module: nn.Module, x: Tensor) -> tuple[Tensor, float]:
-        """Rows whose outer products sum to the per-batch ``A`` contribution, and the weight of each row."""
-        if isinstance(module, nn.Conv2d):
-            kw = dict(kernel_size=module.kernel_size, dilation=module.dilation, padding=_conv_padding(module),
-                      stride=module.stride)
-            rows = F.unfold(x, **kw).transpose(1, 2)  # (N, P, C_in·kh·kw), same order as weight.view(out, -1)
-        else:
-            rows = x.reshape(x.shape[0], -1, x.shape[-1])  # (N, shared, in)
-        if self.with_bias[name]:
-            rows = torch.cat([rows, rows.new_ones(*rows.shape[:-1], 1)], dim=-1)
-        if self.kfac_approx == "reduce":
-            return rows.mean(dim=1), 1.0
-        # expand: each sample contributes the mean over its shared positions
-        return rows.reshape(-1, rows.shape[-1]), 1.0 / rows.shape[1]
+    # -- what subclasses accumulate ---------------------------------------------------------------------------
+    def _on_input(self, name: str, module: nn.Module, x: Tensor) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
 
-    def _accumulate_input(self, name: str, module: nn.Module, x: Tensor) -> None:
-        x = x.detach()
-        if isinstance(module, nn.Conv2d):
-            per_sample = max(1, x[:1].numel() * math.prod(module.kernel_size))
-            chunks = x.split(max(1, _UNFOLD_CHUNK // per_sample))
-        else:
-            chunks = (x,)
-        for chunk in chunks:
-            rows, weight = self._input_rows(name, module, chunk)
-            cov = (rows.T @ rows).to(torch.float64).mul_(weight)
-            self._add(self.A_sum, name, cov)
+    def _on_output_grad(self, name: str, module: nn.Module, g: Tensor) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
 
-    def _accumulate_grad(self, name: str, module: nn.Module, g: Tensor) -> None:
-        g = g.detach()
-        # conv: (N, out, H, W) -> (N, P, out); linear: (N, ..., out) -> (N, shared, out)
-        conv = isinstance(module, nn.Conv2d)
-        g = g.flatten(2).transpose(1, 2) if conv else g.reshape(g.shape[0], -1, g.shape[-1])
-        g = g.sum(dim=1) if self.kfac_approx == "reduce" else g.reshape(-1, g.shape[-1])
-        self._add(self.G_sum, name, (g.T @ g).to(torch.float64).mul_(self._g_scale))
+    def _stores(self) -> list[tuple[dict[str, Tensor], Callable[[str], tuple[int, ...]]]]:  # pragma: no cover
+        """Each summed statistic as ``(per-layer sums, shape of a layer's sum)``."""
+        raise NotImplementedError
 
     @staticmethod
     def _add(store: dict[str, Tensor], name: str, value: Tensor) -> None:
@@ -154,13 +149,13 @@ class FactorAccumulator:
             if self._calls[name] > 1:
                 raise NotImplementedError(f"layer {name!r} is called more than once per forward (weight tying)")
             with torch.no_grad():
-                self._accumulate_input(name, module, inputs[0])
+                self._on_input(name, module, inputs[0].detach())
             # A zero anchor makes the output differentiable even when the network is frozen (LQF's w0), and a
             # tensor hook (not a module backward hook) survives in-place activations that follow the layer.
             anchor = output.new_zeros((), requires_grad=True)
             self._anchors.append(anchor)
             out = output + anchor
-            out.register_hook(lambda g: self._accumulate_grad(name, module, g))
+            out.register_hook(lambda g: self._on_output_grad(name, module, g.detach()))
             return out
 
         return hook
@@ -209,23 +204,28 @@ class FactorAccumulator:
             for h in handles:
                 h.remove()
             self._anchors = []
+            self._end_batch()
         self.count += x.shape[0]
         return x.shape[0]
 
-    # -- results ----------------------------------------------------------------------------------------------
+    def _end_batch(self) -> None:
+        """Release per-batch state (nothing here; EKFAC drops its cached inputs)."""
+
     def all_reduce(self) -> None:
-        """Sum the factor sums and the sample count over processes (no-op unless torch.distributed is up)."""
+        """Sum the statistics and the sample count over processes (no-op unless torch.distributed is up)."""
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return
-        device = next(iter(self.A_sum.values())).device if self.A_sum else torch.device("cpu")
+        stores = self._stores()
+        # a rank that accumulated nothing still needs the collective's device (NCCL: the network's)
+        fallback = next(self.network.parameters(), torch.empty(0)).device
+        device = next((t.device for store, _ in stores for t in store.values()), fallback)
         count = torch.tensor([float(self.count)], dtype=torch.float64, device=device)
         dist.all_reduce(count)
         self.count = int(count.item())
-        for store in (self.A_sum, self.G_sum):
+        for store, shape in stores:
             for name in sorted(self.modules):
                 if name not in store:  # a layer unreached on this rank still joins the collective
-                    d = self._factor_dim(name, store is self.A_sum)
-                    store[name] = torch.zeros(d, d, dtype=torch.float64, device=device)
+                    store[name] = torch.zeros(shape(name), dtype=torch.float64, device=device)
                 dist.all_reduce(store[name])
 
     def _factor_dim(self, name: str, is_A: bool) -> int:
@@ -235,6 +235,57 @@ class FactorAccumulator:
         d = m.in_features if isinstance(m, nn.Linear) else m.in_channels * math.prod(m.kernel_size)
         return d + int(self.with_bias[name])
 
+
+class FactorAccumulator(LayerHookPass):
+    """Accumulates K-FAC factor sums over batches; ``finalize`` normalizes by the (global) sample count.
+
+    See :class:`LayerHookPass` for ``layers``, ``loss``, ``fisher_type``; ``kfac_approx`` chooses how weight
+    sharing enters the factors (module docstring).
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        layers: Mapping[str, bool],
+        loss: ClassificationLoss,
+        fisher_type: str = "type2",
+        mc_samples: int = 1,
+        kfac_approx: str = "expand",
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__(network, layers, loss, fisher_type=fisher_type, mc_samples=mc_samples, generator=generator)
+        _check_choice("kfac_approx", kfac_approx, KFAC_APPROXES)
+        self.kfac_approx = kfac_approx
+        self.A_sum: dict[str, Tensor] = {}
+        self.G_sum: dict[str, Tensor] = {}
+
+    def _stores(self) -> list[tuple[dict[str, Tensor], Callable[[str], tuple[int, ...]]]]:
+        return [(self.A_sum, lambda n: (self._factor_dim(n, True),) * 2),
+                (self.G_sum, lambda n: (self._factor_dim(n, False),) * 2)]
+
+    # -- per-layer statistics ---------------------------------------------------------------------------------
+    def _input_rows(self, name: str, module: nn.Module, x: Tensor) -> tuple[Tensor, float]:
+        """Rows whose outer products sum to the per-batch ``A`` contribution, and the weight of each row."""
+        rows = input_rows(module, x, self.with_bias[name])
+        if self.kfac_approx == "reduce":
+            return rows.mean(dim=1), 1.0
+        # expand: each sample contributes the mean over its shared positions
+        return rows.reshape(-1, rows.shape[-1]), 1.0 / rows.shape[1]
+
+    def _on_input(self, name: str, module: nn.Module, x: Tensor) -> None:
+        per_sample = x[:1].numel() * (math.prod(module.kernel_size) if isinstance(module, nn.Conv2d) else 1)
+        chunks = sample_chunks(x, per_sample) if isinstance(module, nn.Conv2d) else (x,)
+        for chunk in chunks:
+            rows, weight = self._input_rows(name, module, chunk)
+            cov = (rows.T @ rows).to(torch.float64).mul_(weight)
+            self._add(self.A_sum, name, cov)
+
+    def _on_output_grad(self, name: str, module: nn.Module, g: Tensor) -> None:
+        g = output_rows(module, g)
+        g = g.sum(dim=1) if self.kfac_approx == "reduce" else g.reshape(-1, g.shape[-1])
+        self._add(self.G_sum, name, (g.T @ g).to(torch.float64).mul_(self._g_scale))
+
+    # -- results ----------------------------------------------------------------------------------------------
     def finalize(self, reduction: str = "mean", dtype: torch.dtype | None = None) -> dict[str, tuple[Tensor, Tensor]]:
         """``{layer: (A, G)}`` normalized as in the module docstring; cast to ``dtype`` when given."""
         _check_choice("reduction", reduction, REDUCTIONS)

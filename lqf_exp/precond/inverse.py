@@ -2,7 +2,8 @@
 
 With ``A = Q_A Λ_A Q_Aᵀ`` and ``G = Q_G Λ_G Q_Gᵀ`` (eigendecompositions in float64), a gradient ``V`` viewed as
 ``(out, in+1)`` maps to ``Q_G [(Q_Gᵀ V Q_A) / (λ_G λ_Aᵀ + γ)] Q_Aᵀ``: the exact inverse of the damped Kronecker
-product, not the factored ``(G + √γI)⁻¹ V (A + √γI)⁻¹`` heuristic.
+product, not the factored ``(G + √γI)⁻¹ V (A + √γI)⁻¹`` heuristic. EKFAC keeps the eigenbases and replaces
+``λ_G λ_Aᵀ`` by corrected eigenvalues ``s`` (:mod:`lqf_exp.precond.ekfac`): :meth:`KroneckerInverse.with_eigenvalues`.
 """
 
 from __future__ import annotations
@@ -37,9 +38,12 @@ def _eigh_psd(M: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class KroneckerInverse:
-    """``(G ⊗ A + γI)⁻¹`` acting on ``V`` of shape ``(out, in+1)`` (row-major flattening of W̃ = (W b)).
+    """``(Q_G ⊗ Q_A) diag(s + γ)⁻¹ (Q_G ⊗ Q_A)ᵀ`` acting on ``V`` of shape ``(out, in+1)`` (row-major flattening of
+    W̃ = (W b)); ``s = λ_G λ_Aᵀ`` gives K-FAC's ``(G ⊗ A + γI)⁻¹``, corrected eigenvalues give EKFAC.
 
-    The eigendecompositions are computed once; :meth:`with_damping` re-scales for another γ without redoing them.
+    The eigendecompositions are computed once; :meth:`with_damping` re-scales for another γ and
+    :meth:`with_eigenvalues` for other eigenvalues without redoing them. ``eigenvalues`` (float64, ``(out, in+1)``)
+    holds ``s``.
     """
 
     def __init__(self, A: Tensor, G: Tensor, damping: float, dtype: torch.dtype | None = None) -> None:
@@ -47,10 +51,24 @@ class KroneckerInverse:
         lam_A, Q_A = _eigh_psd(A)
         lam_G, Q_G = _eigh_psd(G)
         # The factors are PSD; round-off can make tiny eigenvalues negative.
-        self.eigenvalues = torch.outer(lam_G.clamp(min=0.0), lam_A.clamp(min=0.0))  # float64, (out, in+1)
-        self.Q_A, self.Q_G = Q_A.to(dtype), Q_G.to(dtype)
-        self.damping = check_damping(damping)
-        self.scale = (1.0 / (self.eigenvalues + self.damping)).to(dtype)
+        self._set(Q_A.to(dtype), Q_G.to(dtype), torch.outer(lam_G.clamp(min=0.0), lam_A.clamp(min=0.0)), damping)
+
+    @classmethod
+    def from_eigenbasis(
+        cls, Q_A: Tensor, Q_G: Tensor, eigenvalues: Tensor, damping: float, dtype: torch.dtype | None = None
+    ) -> KroneckerInverse:
+        """The inverse with given eigenvectors and eigenvalues ``s`` (``(out, in+1)``), e.g. restored EKFAC
+        corrections with the very bases they were computed in (a fresh ``eigh`` may pick another basis inside a
+        degenerate eigenspace, where the corrections would not apply)."""
+        dtype = dtype or Q_A.dtype
+        inverse = cls.__new__(cls)
+        inverse._set(Q_A.to(dtype), Q_G.to(dtype), _check_eigenvalues(eigenvalues, Q_A, Q_G), damping)
+        return inverse
+
+    def _set(self, Q_A: Tensor, Q_G: Tensor, eigenvalues: Tensor, damping: float) -> None:
+        self.Q_A, self.Q_G = Q_A, Q_G
+        self.eigenvalues = eigenvalues.to(torch.float64)
+        self.with_damping(damping)
 
     def with_damping(self, damping: float) -> KroneckerInverse:
         """This inverse with another damping γ (same eigenbases)."""
@@ -58,10 +76,27 @@ class KroneckerInverse:
         self.scale = (1.0 / (self.eigenvalues + self.damping)).to(self.Q_A.dtype)
         return self
 
+    def with_eigenvalues(self, eigenvalues: Tensor) -> KroneckerInverse:
+        """This inverse with eigenvalues ``s`` (``(out, in+1)``, ≥ 0) in the same eigenbases: EKFAC's correction."""
+        self.eigenvalues = _check_eigenvalues(eigenvalues, self.Q_A, self.Q_G)
+        return self.with_damping(self.damping)
+
     def apply(self, V: Tensor) -> Tensor:
-        """Return ``(G ⊗ A + γI)⁻¹ rvec(V)`` reshaped like ``V``."""
+        """Return ``(Q_G ⊗ Q_A) diag(s + γ)⁻¹ (Q_G ⊗ Q_A)ᵀ rvec(V)`` reshaped like ``V``."""
         Q_A, Q_G, scale = (t.to(V.dtype) for t in (self.Q_A, self.Q_G, self.scale))
         return Q_G @ ((Q_G.T @ V @ Q_A) * scale) @ Q_A.T
+
+
+def _check_eigenvalues(eigenvalues: Tensor, Q_A: Tensor, Q_G: Tensor) -> Tensor:
+    """``eigenvalues`` as float64 on the bases' device, or a ValueError if the shape or a value is wrong."""
+    expected = (Q_G.shape[0], Q_A.shape[0])
+    if tuple(eigenvalues.shape) != expected:
+        raise ValueError(f"eigenvalues must have shape (out, in[+1]) = {expected}, got {tuple(eigenvalues.shape)}")
+    values = eigenvalues.detach().to(device=Q_A.device, dtype=torch.float64)
+    if not bool(torch.isfinite(values).all()) or bool((values < 0).any()):
+        raise ValueError(f"eigenvalues must be finite and >= 0, got min {values.min().item()!r}, "
+                         f"max {values.max().item()!r}")
+    return values
 
 
 def join_layer(weight: Tensor, bias: Tensor | None) -> Tensor:
