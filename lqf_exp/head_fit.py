@@ -98,7 +98,9 @@ def ridge_hat_matrix(features: Tensor, l2: float) -> Tensor:
     return Xc @ torch.linalg.solve(system, Xc.T) + 1.0 / N
 
 
-def fit_ridge_head(features: Tensor, labels: Tensor, num_classes: int, target_scale: float, l2: float | None) -> HeadFit:
+def fit_ridge_head(
+    features: Tensor, labels: Tensor, num_classes: int, target_scale: float, l2: float | None
+) -> HeadFit:
     """:func:`ridge_head` with ``l2``, or with the leave-one-out choice of :func:`select_ridge_l2` when None."""
     if l2 is None:
         l2 = select_ridge_l2(features, labels, num_classes, target_scale)
@@ -106,7 +108,9 @@ def fit_ridge_head(features: Tensor, labels: Tensor, num_classes: int, target_sc
     return HeadFit(weight, bias, float(l2), smoother=lambda: ridge_hat_matrix(features, float(l2)))
 
 
-def fit_logistic_head(features: Tensor, labels: Tensor, num_classes: int, l2: float = 1e-4, steps: int = 100) -> HeadFit:
+def fit_logistic_head(
+    features: Tensor, labels: Tensor, num_classes: int, l2: float = 1e-4, steps: int = 100
+) -> HeadFit:
     """Logistic-regression head: full-batch L-BFGS from zero on ``CE + (l2/2)·‖W‖²`` (deterministic).
 
     Weights come back in the dtype of ``features``.

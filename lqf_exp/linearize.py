@@ -8,12 +8,12 @@ with respect to δ (reverse-over-forward). ``benchmarks/README.md`` gives the co
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
-from torch.func import functional_call
+from torch.func import functional_call, jacrev, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 
 __all__ = ["LinearizedNetwork", "zero_gradient_fraction"]
@@ -121,10 +121,14 @@ class LinearizedNetwork(nn.Module):
         """Map original parameter name (e.g. ``layer1.0.conv1.weight``) to its δ."""
         return {n: self.deltas[_delta_key(n)] for n in self._names}
 
+    def delta_list(self) -> list[nn.Parameter]:
+        """The δs in the order of :attr:`linearized_names` (the order of every vector a solver handles)."""
+        return [self.deltas[_delta_key(n)] for n in self._names]
+
     def curvature_layers(self) -> dict[str, tuple[Tensor, Tensor | None]]:
         """Map each ``Linear``/``Conv2d`` module of ``base_network`` with a weight δ to ``(δ_weight, δ_bias)``.
 
-        This is the ``layers`` field of :class:`lqf_exp.methods.curvature.CurvatureTargets` for LQF.
+        This is the ``layers`` field of :class:`lqf_exp.curvature.CurvatureTargets` for LQF.
         """
         deltas = self.delta_named()
         out: dict[str, tuple[Tensor, Tensor | None]] = {}
@@ -145,6 +149,14 @@ class LinearizedNetwork(nn.Module):
     # ---- forward -----------------------------------------------------------------------------------------
     def forward_with_primal(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Return ``(f(x; w0), J(x; w0)·δ)``; the first is detached, the second is differentiable in δ."""
+        return self.jvp(x, self.delta_list())
+
+    def jvp(self, x: Tensor, tangents: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        """Return ``(f(x; w0), J(x; w0)·v)`` for the tangents ``v`` (shaped like :meth:`delta_list`).
+
+        With ``v = δ`` this is the linearized forward; with any other ``v`` it is the curvature-vector product's
+        forward half (``J v``), differentiable in ``v`` when ``v`` requires grad (``Jᵀu`` by autograd).
+        """
         if torch.is_inference_mode_enabled():
             # Forward-mode AD silently drops tangents under inference mode: f_lin would quietly become f(x; w0).
             raise RuntimeError(
@@ -156,7 +168,7 @@ class LinearizedNetwork(nn.Module):
         handles = [] if self._order_checked else self._record_calls(calls)
         try:
             with fwAD.dual_level():
-                duals = {n: fwAD.make_dual(params[n], self.deltas[_delta_key(n)]) for n in self._names}
+                duals = {n: fwAD.make_dual(params[n], t) for n, t in zip(self._names, tangents, strict=True)}
                 out = functional_call(self.net, duals, (x,), strict=False)
                 primal, tangent = fwAD.unpack_dual(out)
         finally:
@@ -172,6 +184,18 @@ class LinearizedNetwork(nn.Module):
         """``f_lin(x) = f(x; w0) + J(x; w0)·δ``."""
         primal, tangent = self.forward_with_primal(x)
         return primal + tangent
+
+    def jacobian(self, x: Tensor) -> Tensor:
+        """The per-sample Jacobian ``J(x; w0)`` with respect to the δs, ``[B, C, P]`` (P = all δ entries, in the
+        order of :meth:`delta_list`), by reverse mode vectorized over the batch (``torch.func``)."""
+        params = dict(self.net.named_parameters())
+        point = {n: params[n].detach() for n in self._names}
+
+        def single(p: dict[str, Tensor], xi: Tensor) -> Tensor:
+            return functional_call(self.net, p, (xi[None],), strict=False)[0]
+
+        rows = vmap(jacrev(single), in_dims=(None, 0))(point, x)
+        return torch.cat([rows[n].reshape(x.shape[0], -1, point[n].numel()) for n in self._names], dim=2)
 
     def _record_calls(self, calls: list[str]) -> list:
         return [

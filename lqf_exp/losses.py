@@ -25,7 +25,7 @@ from lqf_exp.head_fit import HeadFit, fit_logistic_head, fit_ridge_head
 
 
 class ClassificationLoss(nn.Module):
-    """A loss on ``(logits [N, C], labels [N])``, mean over the batch of ``per_sample``. ``kind`` names it in reports."""
+    """A loss on ``(logits [N, C], labels [N])``: the batch mean of ``per_sample``; ``kind`` names it in reports."""
 
     kind: str = ""
     constant_curvature: bool = False
@@ -41,7 +41,7 @@ class ClassificationLoss(nn.Module):
         raise NotImplementedError
 
     def hessian_vector(self, logits: Tensor, vectors: Tensor) -> Tensor:  # pragma: no cover - abstract
-        """``H_n v_n`` for every sample, ``H_n = ∂²ℓ/∂f_n²`` at ``logits``; ``vectors`` is ``[N, C]`` or ``[K, N, C]``."""
+        """``H_n v_n`` per sample, ``H_n = ∂²ℓ/∂f_n²`` at ``logits``; ``vectors`` is ``[N, C]`` or ``[K, N, C]``."""
         raise NotImplementedError
 
     def hessian_sqrt(self, logits: Tensor) -> Tensor:  # pragma: no cover - abstract

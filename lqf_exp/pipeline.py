@@ -15,15 +15,36 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from lqf_exp.data import ClassificationDataModule
-from lqf_exp.methods import ClassifierModule
+from lqf_exp.methods import LQF, ClassifierModule
 from lqf_exp.models import save_network_checkpoint
 from lqf_exp.results import METRICS_FILE, atomic_write_json, atomic_write_text, read_metrics, write_error
+from lqf_exp.solvers import DivergenceError
 from lqf_exp.tracking import build_loggers, finishing_wandb, instantiate_collection, log_config
 from lqf_exp.validation import validate_config
 
 log = logging.getLogger(__name__)
 
 SOURCE_CHECKPOINT = "source_model.pt"
+
+
+def _training_settings(cfg: DictConfig) -> dict[str, Any]:
+    """How the method trains: its solver (LQF) or its optimizer (the others), as report factors."""
+    if "solver" in cfg.method:
+        solver = cfg.method.solver
+        return {
+            "solver": OmegaConf.select(cfg, "hydra.runtime.choices.solver", default=None)
+            or get_class(solver._target_).name,
+            "lr": solver.get("lr"),
+            "momentum": solver.get("momentum") if "lr" in solver else None,
+            "weight_decay": cfg.method.get("weight_decay"),
+        }
+    optimizer = cfg.method.get("optimizer") or {}
+    return {
+        "solver": None,
+        "lr": optimizer.get("lr"),
+        "momentum": optimizer.get("momentum", 0.0),
+        "weight_decay": optimizer.get("weight_decay", 0.0),
+    }
 
 
 def run_factors(cfg: DictConfig) -> dict[str, Any]:
@@ -40,9 +61,7 @@ def run_factors(cfg: DictConfig) -> dict[str, Any]:
         "linearize": cfg.method.get("linearize"),
         "data": cfg.data.name,
         "shots": cfg.data.get("shots"),
-        "lr": cfg.optim.lr,
-        "momentum": cfg.optim.get("momentum", 0.0),
-        "weight_decay": cfg.optim.get("weight_decay", 0.0),
+        **_training_settings(cfg),
         "batch_size": cfg.data.batch_size,
         "seed": cfg.seed,
     }
@@ -54,8 +73,11 @@ def build(node: DictConfig, **kwargs: Any) -> Any:
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as error:
-        if isinstance(error.__cause__, ValueError | FileNotFoundError | RuntimeError):
-            raise error.__cause__ from None
+        cause: BaseException | None = error
+        while isinstance(cause, InstantiationException):  # nested nodes (a method's solver) wrap twice
+            cause = cause.__cause__
+        if isinstance(cause, ValueError | FileNotFoundError | RuntimeError):
+            raise cause from None
         raise
 
 
@@ -69,16 +91,9 @@ def _build_module(cfg: DictConfig, datamodule: ClassificationDataModule) -> Clas
     torch.manual_seed(cfg.seed)
     net = build(cfg.model, activation=OmegaConf.to_container(cfg.activation), num_classes=datamodule.num_classes)
     loss_fn = instantiate(cfg.loss)
-    scheduler = instantiate(cfg.schedule) if cfg.get("schedule") else None
+    # The method's config names what it trains with (solver and stopping rule, or optimizer and schedule).
     return build(
-        cfg.method,
-        net=net,
-        loss_fn=loss_fn,
-        num_classes=datamodule.num_classes,
-        optimizer=instantiate(cfg.optim),
-        scheduler=scheduler,
-        hparams=run_factors(cfg),
-        _recursive_=False,
+        cfg.method, net=net, loss_fn=loss_fn, num_classes=datamodule.num_classes, hparams=run_factors(cfg),
         _convert_="all",
     )
 
@@ -112,6 +127,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     with finishing_wandb(loggers):
         try:
             return _train_and_test(cfg, output_dir, factors, resolved, loggers)
+        except DivergenceError:
+            raise  # recorded as a result in metrics.json, not as an error
         except Exception as error:
             write_error(output_dir, error, factors)
             raise
@@ -134,12 +151,17 @@ def _train_and_test(
     resume_from = _last_checkpoint(output_dir) if cfg.get("resume", True) else None
     if resume_from:
         log.info("Resuming from %s", resume_from)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
+    except DivergenceError as error:
+        _record_divergence(output_dir, factors, module, error, started, trainer)
+        raise
     fit_metrics = dict(trainer.callback_metrics)
 
     checkpoint = next((cb for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint)), None)
     best = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
-    test_results = trainer.test(module, datamodule=datamodule, ckpt_path=best, weights_only=True, verbose=False)
+    tested = best if module.test_checkpoint == "best" else None  # None: the weights at the end of fit
+    test_results = trainer.test(module, datamodule=datamodule, ckpt_path=tested, weights_only=True, verbose=False)
     metrics = _final_metrics(fit_metrics, test_results[0] if test_results else {})
 
     if cfg.task.name == "pretrain" and trainer.is_global_zero:
@@ -149,6 +171,7 @@ def _train_and_test(
         "run_name": cfg.get("run_name"),
         "factors": factors,
         "metrics": metrics,
+        "tested_checkpoint": tested or "final",
         "best_checkpoint": best,
         "data": datamodule.describe(),
         "epochs": trainer.current_epoch,
@@ -156,10 +179,34 @@ def _train_and_test(
         "output_dir": str(output_dir),
         "device": "cuda" if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else "cpu",
     }
+    if isinstance(module, LQF):
+        payload["solver"] = module.solve_summary()
     if trainer.is_global_zero:
         atomic_write_json(output_dir / METRICS_FILE, payload)
         _print_summary(factors, metrics, output_dir)
     return payload
+
+
+def _record_divergence(
+    output_dir: Path, factors: dict[str, Any], module: ClassifierModule, error: DivergenceError, started: float,
+    trainer: pl.Trainer,
+) -> None:
+    """A diverged solve is a result, not a crash: metrics.json says so (sweeps and reports mark the cell)."""
+    if not trainer.is_global_zero:
+        return
+    payload = {
+        "status": "diverged",
+        "error": str(error),
+        "run_name": None,
+        "factors": factors,
+        "metrics": {},
+        "solver": module.solve_summary() if isinstance(module, LQF) else {},
+        "epochs": trainer.current_epoch,
+        "duration_s": round(time.time() - started, 2),
+        "output_dir": str(output_dir),
+    }
+    atomic_write_json(output_dir / METRICS_FILE, payload)
+    print(f"DIVERGED: {error}\n(results in {output_dir / METRICS_FILE})")
 
 
 def _export_source_model(

@@ -45,14 +45,17 @@ def atomic_write_json(path: Path, payload: dict[str, Any]) -> None:
     atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
 
 
+FINAL_STATUSES = ("finished", "diverged")
+
+
 def read_metrics(output_dir: Path) -> dict[str, Any] | None:
-    """The metrics of a finished run in ``output_dir``, or None if it has none (or an unreadable one)."""
+    """The record of a run in ``output_dir`` that ended — finished, or diverged (a result too) — else None."""
     path = output_dir / METRICS_FILE
     try:
         payload = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    return payload if payload.get("status") == "finished" else None
+    return payload if payload.get("status") in FINAL_STATUSES else None
 
 
 def write_error(output_dir: Path, error: BaseException, factors: dict[str, Any]) -> None:

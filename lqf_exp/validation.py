@@ -47,6 +47,9 @@ RULES: tuple[Rule, ...] = (
     Rule("precond.callback.update_every", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     Rule("precond.callback.fisher_type", lambda v: v in ("type2", "mc", "empirical"), "one of type2, mc, empirical"),
     Rule("precond.callback.kfac_approx", lambda v: v in ("expand", "reduce"), "one of expand, reduce"),
+    Rule("precond.callback.eigenvalue_correction", lambda v: isinstance(v, bool), "true or false"),
+    Rule("method.weight_decay", lambda v: v == "auto" or (_is_number(v) and v >= 0), "'auto' or a number >= 0"),
+    Rule("method.head_init_l2", lambda v: v == "auto" or (_is_number(v) and v >= 0), "'auto' or a number >= 0"),
     Rule("method.linearize", lambda v: isinstance(v, str) and v != "", "'all', 'head' or a block name"),
     Rule(
         "method.head_init",

@@ -22,7 +22,7 @@ OPTIONS = [
 
 
 def test_every_group_has_options() -> None:
-    required = {"model", "activation", "loss", "precond", "method", "data", "optim", "trainer", "logger",
+    required = {"model", "activation", "loss", "precond", "solver", "method", "data", "optim", "trainer", "logger",
                 "callbacks", "paths", "experiment", "debug", "task"}
     assert required <= set(GROUPS)
     assert all(any(g == group for g, _ in OPTIONS) for group in required)
@@ -41,6 +41,7 @@ def test_defaults_are_the_papers_lqf(tmp_path: Path) -> None:
     cfg = compose_config([], tmp_path)
     assert cfg.method._target_.endswith(".LQF") and cfg.loss._target_.endswith("ScaledMSELoss")
     assert cfg.activation.name == "leaky_relu" and cfg.precond.name == "kfac"
+    assert cfg.method.solver._target_.endswith("AdaptiveSolver") and cfg.method.weight_decay == "auto"
     assert cfg.model.arch == "small_resnet" and cfg.model.weights == "packaged" and cfg.data.name == "digits"
 
 
@@ -80,6 +81,9 @@ def test_run_name_spells_out_the_factors(tmp_path: Path) -> None:
         ("trainer.max_epochs=0", "trainer.max_epochs"),
         ("loss.target_scale=0", "loss.target_scale"),
         ("seed=abc", "seed='abc'"),
+        ("method.weight_decay=-1", "method.weight_decay=-1"),
+        ("method.weight_decay=often", "method.weight_decay='often'"),
+        ("method.head_init_l2=-0.5", "method.head_init_l2"),
     ],
 )
 def test_out_of_range_values_are_named(override: str, key: str, tmp_path: Path) -> None:

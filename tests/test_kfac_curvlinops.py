@@ -16,7 +16,7 @@ curvlinops = pytest.importorskip("curvlinops")
 
 from lqf_exp.precond import FactorAccumulator, KroneckerInverse, precondition_layer  # noqa: E402
 
-from .helpers.losses import make_loss
+from .helpers.losses import make_loss  # noqa: E402
 
 DT = torch.float64
 ALPHA, C = 2.0, 5

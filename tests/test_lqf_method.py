@@ -14,7 +14,7 @@ from lqf_exp.pipeline import _build_module, run
 
 from .conftest import SMOKE
 
-LQF_SMOKE = [*SMOKE, "method=lqf", "optim.lr=1e-5"]
+LQF_SMOKE = [*SMOKE, "method=lqf"]
 
 
 def build(make_cfg, overrides: list[str]) -> tuple[LQF, object]:
@@ -32,27 +32,28 @@ def test_one_batch_lqf_run(loss: str, make_cfg, tmp_path: Path) -> None:
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "finished"
 
 
-def test_only_delta_is_trainable_and_optimizer_adds_no_decay(make_cfg) -> None:
-    module, _ = build(make_cfg, [*LQF_SMOKE, "optim.weight_decay=1e-3"])
+def test_only_delta_is_trainable_and_lambda_comes_from_the_method_config(make_cfg) -> None:
+    module, _ = build(make_cfg, [*LQF_SMOKE, "method.weight_decay=1e-3", "optim.weight_decay=0.5"])
     trainable = {name for name, p in module.named_parameters() if p.requires_grad}
     assert trainable and all(name.startswith("net.deltas.") for name in trainable)
-    optimizer = module.configure_optimizers()["optimizer"]
-    assert all(group["weight_decay"] == 0.0 for group in optimizer.param_groups)
-    assert module.damping_offset == pytest.approx(1e-3)
+    stepped = {id(p) for group in module.configure_optimizers().param_groups for p in group["params"]}
+    assert stepped == {id(d) for d in module.linearized.delta_list()}
+    assert module.weight_decay == pytest.approx(1e-3)  # the optim group is fine-tuning's, not LQF's
+    assert module.curvature_targets().damping_offset == pytest.approx(1e-3)
 
 
 def test_objective_adds_half_lambda_delta_squared(make_cfg) -> None:
-    module, _ = build(make_cfg, [*LQF_SMOKE, "loss=mse", "optim.weight_decay=0.5"])
+    module, _ = build(make_cfg, [*LQF_SMOKE, "loss=mse", "method.weight_decay=0.5"])
     for delta in module.linearized.deltas.values():
         torch.nn.init.constant_(delta, 0.1)
     logits, labels = torch.randn(4, 10), torch.tensor([0, 1, 2, 3])
     numel = sum(d.numel() for d in module.linearized.deltas.values())
     expected = module.loss_fn(logits, labels) + 0.5 * 0.5 * 0.01 * numel
-    torch.testing.assert_close(module.objective(logits, labels), expected)
+    torch.testing.assert_close(module.objective_value(logits, labels), expected)
 
 
 def test_w0_and_bn_statistics_unchanged_by_training(make_cfg, tmp_path: Path) -> None:
-    cfg = make_cfg([*LQF_SMOKE, "loss=mse", "trainer.limit_train_batches=3", "optim.lr=1e-4"])
+    cfg = make_cfg([*LQF_SMOKE, "loss=mse", "trainer.limit_train_batches=3"])
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
     module = _build_module(cfg, datamodule)
@@ -70,11 +71,12 @@ def test_w0_and_bn_statistics_unchanged_by_training(make_cfg, tmp_path: Path) ->
 
 
 def test_checkpoint_holds_delta_not_w0_and_reload_reproduces_predictions(make_cfg, tmp_path: Path) -> None:
-    cfg_overrides = [*LQF_SMOKE, "loss=mse", "optim.lr=1e-4", "trainer.limit_train_batches=2"]
+    cfg_overrides = [*LQF_SMOKE, "loss=mse", "trainer.limit_train_batches=2"]
     run(make_cfg(cfg_overrides))
     checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     keys = set(checkpoint["state_dict"])
-    assert keys == {k for k in keys if k.startswith(("net.deltas.", "net.net.fc."))} | {"head_ready"}
+    assert keys == {k for k in keys if k.startswith(("net.deltas.", "net.net.fc.", "val_acc_best."))} | {"head_ready"}
+    assert checkpoint["lqf_solve"]["controller"]["solver"] is not None and checkpoint["lqf_solve"]["weight_decay"] > 0
     assert checkpoint["lqf_w0_source"] == {"model": "small_resnet", "weights": None, "activation": "leaky_relu"}
 
     trained, datamodule = build(make_cfg, cfg_overrides)

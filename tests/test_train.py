@@ -16,7 +16,7 @@ from .conftest import SMOKE
 
 FACTOR_KEYS = {
     "task", "recipe", "model", "weights", "activation", "loss", "precond", "method", "linearize", "data", "shots",
-    "lr", "momentum", "weight_decay", "batch_size", "seed",
+    "solver", "lr", "momentum", "weight_decay", "batch_size", "seed",
 }
 
 

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from lqf_exp.data.sampling import check_shots, k_shot_indices
+from lqf_exp.data.sampling import EpochShuffle, check_shots, k_shot_indices
 
 
 @dataclass
@@ -169,12 +169,11 @@ class ClassificationDataModule(pl.LightningDataModule):
         return self._require().test
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.shuffle_seed) if shuffle else None
+        sampler = EpochShuffle(len(dataset), self.shuffle_seed) if shuffle else None  # type: ignore[arg-type]
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
-            generator=generator,
+            sampler=sampler,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,

@@ -6,9 +6,10 @@ seed always gives the same indices whatever order the classes were visited in.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
+import torch
 
 Seed = int | Sequence[int]
 
@@ -111,3 +112,24 @@ def per_class_split(
         first.append(perm[:n_first])
         second.append(perm[n_first:] if n_second is None else perm[n_first : n_first + n_second])
     return _sorted(first), _sorted(second)
+
+
+class EpochShuffle(torch.utils.data.Sampler[int]):
+    """A random order of ``0..size-1`` that is a function of ``(seed, epoch)`` alone.
+
+    Lightning calls :meth:`set_epoch` before every epoch, so a run resumed from a checkpoint sees exactly the
+    batches the uninterrupted run would have seen (a generator seeded once would restart its sequence).
+    """
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch = int(size), int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.size

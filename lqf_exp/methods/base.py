@@ -11,8 +11,8 @@ from torch import Tensor, nn
 from torchmetrics import MaxMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from lqf_exp.curvature import CurvatureTargets
 from lqf_exp.losses import ClassificationLoss
-from lqf_exp.methods.curvature import CurvatureTargets
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
@@ -23,33 +23,32 @@ _PRECONDITIONED_LAYERS = (nn.Linear, nn.Conv2d)
 class ClassifierModule(pl.LightningModule):
     """Trains ``self.net`` (whatever tensors of it require grad) with ``loss_fn``; logs ``{split}/loss|acc``.
 
-    Subclasses decide what is trainable (``configure_trainable``) and which network carries the curvature
-    (``curvature_targets``). ``optimizer``/``scheduler`` are partials from ``conf/optim``/``conf/schedule``.
+    Subclasses decide what is trainable (``configure_trainable``), how it is trained, and which network carries the
+    curvature (``curvature_targets``). ``test_checkpoint`` says which weights the test uses: ``best`` (the epoch
+    with the best validation accuracy: early stopping) or ``final`` (the end of training: a solved problem).
     """
 
     method_name = "base"
+    test_checkpoint = "best"
 
     def __init__(
         self,
         net: nn.Module,
         loss_fn: ClassificationLoss,
         num_classes: int,
-        optimizer: OptimizerFactory,
-        scheduler: SchedulerFactory | None = None,
         hparams: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.net = net
         self.loss_fn = loss_fn
         self.num_classes = num_classes
-        self.optimizer_factory = optimizer
-        self.scheduler_factory = scheduler
         # Only primitive values go to hparams, so checkpoints load with torch.load(weights_only=True).
         self.save_hyperparameters(hparams or {"method": self.method_name})
         self.configure_trainable()
         metric = lambda: MulticlassAccuracy(num_classes=num_classes, average="micro")  # noqa: E731
         self.train_acc, self.val_acc, self.test_acc = metric(), metric(), metric()
         self.val_acc_best = MaxMetric()
+        self.val_acc_best.persistent(True)  # a resumed run keeps its best-validation record
 
     # -- what is trained --------------------------------------------------------------------------------------
     def configure_trainable(self) -> None:
@@ -66,7 +65,7 @@ class ClassifierModule(pl.LightningModule):
             for name, module in self.net.named_modules()
             if isinstance(module, _PRECONDITIONED_LAYERS) and module.weight.requires_grad
         }
-        return CurvatureTargets(network=self.net, layers=layers, constant=False)
+        return CurvatureTargets(network=self.net, layers=layers, loss=self.loss_fn, constant=False)
 
     # -- steps ------------------------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
@@ -112,7 +111,25 @@ class ClassifierModule(pl.LightningModule):
     def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         return self(batch[0]).argmax(dim=1)
 
-    # -- optimization -----------------------------------------------------------------------------------------
+
+
+class GradientMethod(ClassifierModule):
+    """A method trained by a torch optimizer on its loss: ``optimizer``/``scheduler`` are partials from
+    ``conf/optim``/``conf/schedule`` (the method's config passes them)."""
+
+    def __init__(
+        self,
+        net: nn.Module,
+        loss_fn: ClassificationLoss,
+        num_classes: int,
+        optimizer: OptimizerFactory,
+        scheduler: SchedulerFactory | None = None,
+        hparams: dict[str, Any] | None = None,
+    ) -> None:
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        super().__init__(net, loss_fn, num_classes, hparams)
+
     def optimizer_parameters(self) -> list[nn.Parameter]:
         params = list(self.trainable_parameters())
         if not params:

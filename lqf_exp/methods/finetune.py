@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from lqf_exp.methods.base import ClassifierModule
+from lqf_exp.methods.base import GradientMethod
 
 
-class FineTune(ClassifierModule):
+class FineTune(GradientMethod):
     """All weights trained; BatchNorm in its usual train-mode behaviour; weight decay toward 0 (optimizer's)."""
 
     method_name = "finetune"

@@ -1,56 +1,80 @@
-"""method=lqf: train the linearized network ``f_lin(x) = f(x; w0) + J(x; w0)·δ`` (the paper's LQF).
+"""method=lqf: solve for δ of the linearized network ``f_lin(x) = f(x; w0) + J(x; w0)·δ`` (the paper's LQF).
 
-The objective is ``loss(f_lin(x), y) + (λ/2)‖δ‖²`` with λ the configured weight decay, applied in the objective (so
-a preconditioner sees the gradient of the whole quadratic) and not again by the optimizer. Evaluation also uses
-``f_lin``. Checkpoints hold δ, the base head (fitted by ``head_init``) and what rebuilds the rest of w0 (the
-model config: architecture + weights source), not a second copy of w0.
+The objective is ``mean_n ℓ(f_lin(x_n), y_n) + (λ/2)‖δ‖²`` with λ = ``weight_decay`` (a number, or ``auto``:
+:mod:`lqf_exp.solvers.weight_decay`). A solver from ``conf/solver`` minimizes it pass by pass under Lightning's
+loop (manual optimization); the stopping rule ends the run at convergence, not after a number of epochs
+(:class:`~lqf_exp.solvers.SolveController`), and the test uses the final δ. The ``precond`` callback hands its
+inverse to the solver (``CurvatureTargets.attach``). Checkpoints hold δ, the base head (fitted by ``head_init``),
+the solver's whole state and what rebuilds the rest of w0 (the model config), not a second copy of w0.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
+from lqf_exp.curvature import CurvatureTargets, Preconditioner
 from lqf_exp.head_init import check_head_init_kind, init_head
 from lqf_exp.linearize import LinearizedNetwork
 from lqf_exp.losses import ClassificationLoss
-from lqf_exp.methods.base import ClassifierModule, OptimizerFactory, SchedulerFactory
-from lqf_exp.methods.curvature import CurvatureTargets
+from lqf_exp.methods.base import ClassifierModule
+from lqf_exp.methods.lqf_setup import choose_weight_decay, parse_weight_decay
+from lqf_exp.solvers import Evaluation, LQFObjective, SolveController, Solver, StoppingRule, WeightDecaySelection
+
+
+class _SolverSteps(torch.optim.Optimizer):
+    """Lets Lightning count and hook the solver's steps (``global_step``, checkpoint cadence); the solver's state
+    lives in the LQF checkpoint entry, not here."""
+
+    def __init__(self, params: list[nn.Parameter]) -> None:
+        super().__init__(params, {})
+
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        return closure() if closure is not None else None
 
 
 class LQF(ClassifierModule):
     """Linear Quadratic Fine-Tuning: δ = w − w0 is the only trainable tensor; w0 and BN statistics stay frozen."""
 
     method_name = "lqf"
+    test_checkpoint = "final"
 
     def __init__(
         self,
         net: nn.Module,
         loss_fn: ClassificationLoss,
         num_classes: int,
-        optimizer: OptimizerFactory,
-        scheduler: SchedulerFactory | None = None,
+        solver: Solver,
+        stop: StoppingRule,
+        weight_decay: float | str = "auto",
+        weight_decay_selection: WeightDecaySelection | None = None,
         hparams: dict[str, Any] | None = None,
         linearize: str = "all",
         bn_affine: str = "freeze",
         head_init: str = "probe",
-        head_init_l2: float | None = None,
+        head_init_l2: float | str = "auto",
         head_init_batches: int | None = None,
     ) -> None:
         check_head_init_kind(head_init)  # fail at construction, not after the data are loaded for the fit
-        keywords = getattr(optimizer, "keywords", {})
-        self.weight_decay = float(keywords.get("weight_decay", 0.0))
-        # The decay toward w0 is part of the objective; the optimizer must not add it a second time.
-        optimizer = functools.partial(optimizer, weight_decay=0.0)
+        self.requested_weight_decay = parse_weight_decay(weight_decay, "method.weight_decay")
         self.head_init = head_init
-        self.head_init_l2 = self.weight_decay if head_init_l2 is None else float(head_init_l2)
+        self.head_init_l2 = parse_weight_decay(head_init_l2, "method.head_init_l2")
         self.head_init_batches = head_init_batches
+        self.selection = weight_decay_selection or WeightDecaySelection()
         linearized = LinearizedNetwork(net, linearize=linearize, bn_affine=bn_affine)
-        super().__init__(linearized, loss_fn, num_classes, optimizer, scheduler, hparams)
+        super().__init__(linearized, loss_fn, num_classes, hparams)
+        self.automatic_optimization = False
+        self.controller = SolveController(solver, stop)
+        self.weight_decay: float | None = self.requested_weight_decay  # None until `auto` has chosen
+        self.selection_record: dict[str, Any] = {}
+        self.head_record: dict[str, Any] = {}
+        self.preconditioner: Preconditioner | None = None
+        self.objective: LQFObjective | None = None
+        self._pending: dict[str, Any] | None = None
+        self.head_smoother: Any = None
         # Persisted, so a resumed run keeps its fitted head instead of fitting a new one.
         self.register_buffer("head_ready", torch.tensor(False))
 
@@ -59,28 +83,73 @@ class LQF(ClassifierModule):
         return self.net  # type: ignore[return-value]
 
     @property
-    def damping_offset(self) -> float:
-        """λ of (λ/2)‖δ‖²: the Hessian of the objective is GGN + λI, which a preconditioner must include."""
-        return self.weight_decay
+    def solver(self) -> Solver:
+        return self.controller.solver
 
     def configure_trainable(self) -> None:
         """Only δ is trainable; LinearizedNetwork froze w0 already."""
 
-    def objective(self, logits: Tensor, labels: Tensor) -> Tensor:
-        loss = self.loss_fn(logits, labels)
-        if self.weight_decay:
-            loss = loss + 0.5 * self.weight_decay * sum(d.pow(2).sum() for d in self.linearized.deltas.values())
-        return loss
+    def objective_value(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """``loss(f_lin(x), y) + (λ/2)‖δ‖²`` on a batch (λ = 0 until chosen)."""
+        penalty = sum(d.pow(2).sum() for d in self.linearized.deltas.values())
+        return self.loss_fn(logits, labels) + 0.5 * (self.weight_decay or 0.0) * penalty
 
     def curvature_targets(self) -> CurvatureTargets:
         return CurvatureTargets(
             network=self.linearized.base_network,
             layers=self.linearized.curvature_layers(),
-            constant=self.loss_fn.kind == "mse",  # the MSE loss Hessian is constant; CE's moves
+            loss=self.loss_fn,
+            constant=self.loss_fn.constant_curvature,
+            damping_offset=self.weight_decay or 0.0,
             outputs_fn=self.linearized,
+            attach=self.attach_preconditioner,
         )
 
-    # -- head initialization, before any callback's on_fit_start and before a checkpoint is restored ----------
+    def attach_preconditioner(self, preconditioner: Preconditioner) -> None:
+        self.preconditioner = preconditioner
+        if self.objective is not None:
+            self.objective.attach(preconditioner)
+
+    # -- data the solver reads beyond the training loop ---------------------------------------------------------
+    def _rank_share(self, dataset: Any) -> Any:
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self._trainer is not None else (1, 0)
+        return dataset if world == 1 else Subset(dataset, list(range(rank, len(dataset), world)))
+
+    def _batches(self, dataset: Any) -> Any:
+        datamodule = self.trainer.datamodule
+        loader = DataLoader(self._rank_share(dataset), batch_size=datamodule.eval_batch_size, shuffle=False)
+        return ((x.to(self.device), y.to(self.device)) for x, y in loader)
+
+    def train_data(self) -> Any:
+        """The training samples of the objective: all of them, or what ``limit_train_batches`` lets train."""
+        dataset = self.trainer.datamodule.train_dataset
+        limit = self.trainer.limit_train_batches
+        batch = self.trainer.datamodule.batch_size
+        if isinstance(limit, int) and limit * batch < len(dataset):
+            return Subset(dataset, list(range(limit * batch)))
+        if isinstance(limit, float) and limit < 1.0:
+            return Subset(dataset, list(range(max(1, int(limit * len(dataset))))))
+        return dataset
+
+    def train_batches(self) -> Any:
+        return self._batches(self.train_data())
+
+    def evaluate(self, gradient: bool) -> Evaluation:
+        assert self.objective is not None
+        return self.objective.evaluate(self.train_batches(), gradient)
+
+    @torch.no_grad()
+    def validation_loss(self) -> float:
+        """Mean loss of f_lin on the validation split (all ranks)."""
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        count = torch.zeros((), dtype=torch.float64, device=self.device)
+        for x, y in self._batches(self.trainer.datamodule.val_dataset):
+            total += self.loss_fn.per_sample(self.linearized(x), y).sum().double()
+            count += len(y)
+        reduce = self.trainer.strategy.reduce
+        return float(reduce(total, reduce_op="sum")) / float(reduce(count, reduce_op="sum"))
+
+    # -- head initialization, before any callback's on_fit_start ------------------------------------------------
     def setup(self, stage: str) -> None:
         if stage == "fit" and not bool(self.head_ready):
             self.initialize_head()
@@ -89,24 +158,87 @@ class LQF(ClassifierModule):
         """Fit (``probe``) or draw (``random``) the base head at w0; δ is zero, so f_lin stays f(x; w0)."""
         if loader is None and self.head_init == "probe":
             datamodule = self.trainer.datamodule
-            loader = DataLoader(datamodule.train_dataset, batch_size=datamodule.batch_size, shuffle=False)
+            loader = DataLoader(self.train_data(), batch_size=datamodule.eval_batch_size, shuffle=False)
             if self.head_init_batches is not None:
                 loader = [batch for _, batch in zip(range(self.head_init_batches), loader, strict=False)]
         device = self.trainer.strategy.root_device if self._trainer is not None else None
         base = self.linearized.base_network
         original_device = next(base.parameters()).device
-        init_head(
-            base.to(device or original_device),
-            loader,
-            kind=self.head_init,
-            loss_kind=self.loss_fn.kind,
-            target_scale=getattr(self.loss_fn, "target_scale", 1.0),
-            l2=self.head_init_l2,
-        )
+        fit = init_head(base.to(device or original_device), loader, kind=self.head_init, loss=self.loss_fn,
+                        l2=self.head_init_l2)
         base.to(original_device)
+        # The head's smoother joins the leave-one-out of λ only if it saw exactly the training set.
+        self.head_smoother = fit.smoother if fit is not None and self.head_init_batches is None else None
+        self.head_record = {"head_init": self.head_init, "head_l2": None if fit is None else fit.l2}
         self.head_ready.fill_(True)
 
-    # -- checkpoints: δ + head + buffers that cannot be rebuilt, not a copy of w0 ---------------------------
+    # -- the solve ----------------------------------------------------------------------------------------------
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return _SolverSteps(list(self.linearized.delta_list()))
+
+    def _reduce_sum(self, tensor: Tensor) -> Tensor:
+        return self.trainer.strategy.reduce(tensor, reduce_op="sum")
+
+    def set_weight_decay(self, value: float) -> None:
+        self.weight_decay = float(value)
+        if self.objective is not None:
+            self.objective.weight_decay = self.weight_decay
+        if self.preconditioner is not None:
+            self.preconditioner.set_damping_offset(self.weight_decay)
+
+    def on_fit_start(self) -> None:
+        if self.weight_decay is None:
+            choose_weight_decay(self)
+        assert self.weight_decay is not None
+        self.objective = LQFObjective(self.linearized, self.loss_fn, self.weight_decay, self._reduce_sum)
+        self.objective.attach(self.preconditioner)
+        if self.preconditioner is not None:
+            self.preconditioner.set_damping_offset(self.weight_decay)
+        if self._pending is not None:
+            self.controller.load_state_dict(self._pending)
+            self._pending = None
+        train_size = len(self.train_data())
+        self.controller.start(self.objective, train_size, self.trainer.world_size, self.evaluate)
+
+    def on_train_epoch_start(self) -> None:
+        self.controller.begin_pass()
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        images, labels = batch
+        report: dict[str, Any] = {}
+        self.optimizers().step(closure=lambda: report.update(self.controller.step(images, labels)))
+        if "loss" in report:
+            self.log("train/loss", report.pop("loss"), on_step=True, on_epoch=True, prog_bar=True,
+                     batch_size=len(labels))
+        for key, value in report.items():
+            self.log(f"solver/{key}", value, on_step=True, on_epoch=False)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # The pass ends here, before the epoch's validation and checkpoint, so both see the state after it.
+        if batch_idx + 1 == self.trainer.num_training_batches:
+            self.end_pass()
+
+    def end_pass(self) -> None:
+        done = self.controller.end_pass(self.evaluate, self.validation_loss, self.set_weight_decay)
+        final = self.controller.final
+        if final is not None:
+            self.log("solver/objective", final.objective, on_step=False, on_epoch=True, prog_bar=True)
+            if final.grad_norm is not None:
+                self.log("solver/grad_norm", final.grad_norm, on_step=False, on_epoch=True)
+        self.log("solver/weight_decay", float(self.weight_decay or 0.0), on_step=False, on_epoch=True)
+        if done:
+            self.trainer.should_stop = True
+
+    def on_train_end(self) -> None:
+        self.controller.certify(self.evaluate)
+
+    def solve_summary(self) -> dict[str, Any]:
+        """What metrics.json records about the solve (``solver`` entry)."""
+        if self.objective is None:
+            return {}
+        return {**self.controller.summary(), **self.head_record, "weight_decay_selection": self.selection_record}
+
+    # -- checkpoints: δ + head + solver state, not a copy of w0 ----------------------------------------------
     def _rebuildable_keys(self, state_dict: dict[str, Tensor]) -> list[str]:
         head = f"net.net.{self.linearized.head_name}."
         return [k for k in state_dict if k.startswith("net.net.") and not k.startswith(head)]
@@ -116,6 +248,8 @@ class LQF(ClassifierModule):
         for key in self._rebuildable_keys(state):
             del state[key]
         checkpoint["lqf_w0_source"] = {k: v for k, v in self.hparams.items() if k in ("model", "weights", "activation")}
+        checkpoint["lqf_solve"] = {"controller": self.controller.state_dict(), "weight_decay": self.weight_decay,
+                                   "selection": self.selection_record, "head": self.head_record}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         source = checkpoint.get("lqf_w0_source", {})
@@ -125,3 +259,9 @@ class LQF(ClassifierModule):
         own = self.state_dict()
         for key in self._rebuildable_keys(own):
             checkpoint["state_dict"].setdefault(key, own[key])
+        solve = checkpoint.get("lqf_solve")
+        if solve is not None:
+            self._pending = solve["controller"]
+            self.weight_decay = solve["weight_decay"]
+            self.selection_record, self.head_record = dict(solve["selection"]), dict(solve["head"])
+

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from lqf_exp.methods.base import ClassifierModule
+from lqf_exp.methods.base import GradientMethod
 
 
 def head_of(net: nn.Module) -> nn.Linear:
@@ -15,7 +15,7 @@ def head_of(net: nn.Module) -> nn.Linear:
     return head
 
 
-class Probe(ClassifierModule):
+class Probe(GradientMethod):
     """Backbone frozen and kept in eval mode (BN statistics frozen); the head is the only trained layer."""
 
     method_name = "probe"

@@ -1,0 +1,83 @@
+"""Choosing λ for ``method=lqf weight_decay=auto`` (and parsing the values that may say ``auto``)."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from lqf_exp.solvers import DualSystem, ValidationPath, check_kernel_size
+
+if TYPE_CHECKING:
+    from lqf_exp.methods.lqf import LQF
+
+log = logging.getLogger(__name__)
+
+__all__ = ["build_dual_system", "choose_weight_decay", "parse_weight_decay"]
+
+
+def parse_weight_decay(value: Any, key: str) -> float | None:
+    """``auto`` → None (to be chosen); a number ≥ 0 → float; anything else raises a ValueError naming ``key``."""
+    if isinstance(value, str) and value == "auto":
+        return None
+    if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+        return float(value)
+    raise ValueError(f"invalid {key}={value!r}: expected 'auto' or a number >= 0")
+
+
+@torch.no_grad()
+def build_dual_system(module: LQF) -> tuple[DualSystem, torch.Tensor]:
+    """The dual system of the training set at w0 (Jacobians by reverse mode, float64), in the training-set order,
+    and the targets ``α·onehot`` of its rows."""
+    jacobians, residuals, targets = [], [], []
+    for x, y in module.train_batches():
+        base = module.linearized.apply_to_base(x)
+        targets.append(module.loss_fn.targets(y, base.shape[1], torch.float64))
+        residuals.append(targets[-1] - base.double())
+        with torch.enable_grad():
+            jacobians.append(module.linearized.jacobian(x).double())
+    return DualSystem(torch.cat(jacobians), torch.cat(residuals)), torch.cat(targets)
+
+
+def _kernel_refusal(module: LQF) -> str | None:
+    """Why the dual system cannot serve the λ choice, or None when it can."""
+    if not module.loss_fn.constant_curvature:
+        return f"loss={module.loss_fn.kind} is not quadratic"
+    if module.trainer.world_size > 1:
+        return "data parallelism (the dual system is built in one process)"
+    rows = len(module.train_data()) * module.num_classes
+    params = sum(d.numel() for d in module.linearized.delta_list())
+    try:
+        check_kernel_size(rows, params, module.selection.max_rows, module.selection.max_memory_gb,
+                          "weight_decay=auto by leave-one-out")
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def choose_weight_decay(module: LQF) -> None:
+    """Set ``module``'s λ by exact leave-one-out on the dual system, or start the validation path."""
+    selection = module.selection
+    refusal = _kernel_refusal(module)
+    if refusal is not None:
+        path = ValidationPath(list(selection.path), int(selection.patience), float(selection.path_rel_gap),
+                              int(selection.path_max_epochs))
+        module.controller.path = path
+        module.set_weight_decay(path.current)
+        module.selection_record = {"method": "validation path", "path": list(selection.path), "why": refusal}
+        log.info("weight_decay=auto: validation-loss path over %s (%s)", selection.path, refusal)
+        return
+    system, targets = build_dual_system(module)
+    prior = module.head_smoother() if module.head_smoother is not None else None
+    choice = system.select_weight_decay(list(selection.grid), targets, prior)
+    module.set_weight_decay(choice.weight_decay)
+    _, u = system.solve(choice.weight_decay)
+    module.controller.objective_star = system.objective(choice.weight_decay, u)
+    module.solver.use_dual_system(system)
+    module.selection_record = {
+        "method": "leave-one-out", "weight_decay": choice.weight_decay, "grid": choice.grid,
+        "loo_error": choice.loo_errors, "loo_accuracy": choice.loo_accuracy, "head_refit": prior is not None,
+    }
+    log.info("weight_decay=auto: λ = %g by exact leave-one-out over %d values (LOO error %.4g)",
+             choice.weight_decay, len(choice.grid), min(choice.loo_errors))

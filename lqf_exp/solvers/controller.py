@@ -1,0 +1,150 @@
+"""One LQF solve, pass by pass: the solver, its stopping rule, the optional validation λ path, and the record.
+
+Free of Lightning: :class:`~lqf_exp.methods.LQF` feeds it batches and tells it when a pass ends, tests drive it
+with plain loops. Everything a resumed run needs to end at the same answer is in :meth:`state_dict`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import Tensor
+
+from lqf_exp.solvers.base import Solver
+from lqf_exp.solvers.objective import Evaluation, LQFObjective
+from lqf_exp.solvers.stopping import StoppingRule
+from lqf_exp.solvers.weight_decay import ValidationPath
+
+__all__ = ["SolveController"]
+
+Evaluate = Callable[[bool], Evaluation]
+
+
+class SolveController:
+    """Runs ``solver`` on an objective until ``stop`` says converged (or its cap), then walks ``path`` if any.
+
+    ``status`` is ``running``, ``converged`` or ``capped`` (the pass cap ended it first); divergence raises
+    :class:`~lqf_exp.solvers.stopping.DivergenceError` from the stopping rule. ``epochs`` counts the solver's passes
+    over the training data, ``eval_passes`` the passes spent evaluating the full objective for the stopping rule.
+    """
+
+    def __init__(self, solver: Solver, stop: StoppingRule) -> None:
+        self.solver, self.stop = solver, stop
+        # The solve's own tolerance and cap; a validation path's solves use looser ones.
+        self.tolerance = (stop.rel_gap, stop.max_epochs)
+        self.objective: LQFObjective | None = None
+        self.path: ValidationPath | None = None
+        self.status = "running"
+        self.epochs = 0
+        self.eval_passes = 0
+        self.final: Evaluation | None = None
+        self.objective_star: float | None = None  # L* when an exact (dual) solve gave it
+
+    # -- setup ------------------------------------------------------------------------------------------------
+    def start(self, objective: LQFObjective, train_size: int, world_size: int, evaluate: Evaluate) -> None:
+        """Bind the solver; on a fresh solve evaluate the starting point (the reference of the stopping rule)."""
+        self.objective = objective
+        self.solver.bind(objective, train_size, world_size)
+        if self.path is not None and not self.path.done:
+            self.stop.rel_gap, self.stop.max_epochs = self.path.rel_gap, self.path.max_epochs
+        if not self.stop.objectives:
+            self._record(evaluate(True))  # the gradient at the start makes the final one a relative certificate
+
+    def context(self) -> str:
+        assert self.objective is not None
+        return f"{self.solver.settings()}, weight_decay={self.objective.weight_decay:g}"
+
+    def _record(self, evaluation: Evaluation) -> bool:
+        converged = self.stop.update(evaluation.objective, evaluation.grad_norm, self.context(), self.solver.settled)
+        self.final = evaluation
+        return converged
+
+    # -- one pass ---------------------------------------------------------------------------------------------
+    def begin_pass(self) -> None:
+        self.solver.begin_epoch()
+
+    def step(self, x: Tensor, y: Tensor) -> dict[str, Any]:
+        return self.solver.step(x, y)
+
+    def end_pass(self, evaluate: Evaluate, validation_loss: Callable[[], float],
+                 set_weight_decay: Callable[[float], None]) -> bool:
+        """Close a pass; True when the whole solve (path included) is finished."""
+        report = self.solver.end_epoch()
+        self.epochs += 1
+        if report is None:
+            report = evaluate(self.stop.grad_norm is not None)
+            self.eval_passes += 1
+        converged = self._record(report) or self.solver.converged
+        self.solver.observe(self.stop.progress())
+        path = self.path if self.path is not None and not self.path.done else None
+        if path is None:
+            if not (converged or self.stop.exhausted()):
+                return False
+            self.status = "converged" if converged else "capped"
+            return True
+        if not (converged or self.stop.exhausted()):
+            return False
+        assert self.objective is not None
+        if not path.record(validation_loss(), report.objective, self.stop.epochs, self.objective.deltas):
+            # The path has ranked its λs: solve the best one on, from its path solution, to full tolerance.
+            path.done = True
+            self.stop.rel_gap, self.stop.max_epochs = self.tolerance
+            self._restore_best()
+        self._restart(set_weight_decay, evaluate, path.best["weight_decay"] if path.done else path.current)
+        return False
+
+    def _restart(self, set_weight_decay: Callable[[float], None], evaluate: Evaluate, weight_decay: float) -> None:
+        set_weight_decay(weight_decay)
+        self.solver.restart()
+        self.stop.reset()
+        self._record(evaluate(True))
+        self.eval_passes += 1
+
+    def _restore_best(self) -> None:
+        assert self.path is not None and self.path.best_delta is not None and self.objective is not None
+        for delta, best in zip(self.objective.deltas, self.path.best_delta, strict=True):
+            delta.data.copy_(best.to(delta))
+
+    def certify(self, evaluate: Evaluate) -> Evaluation:
+        """The objective and its gradient at the final δ (one more pass unless the last report had the gradient)."""
+        if self.final is None or self.final.gradient is None:
+            self.final = evaluate(True)
+            self.eval_passes += 1
+        return self.final
+
+    # -- record -----------------------------------------------------------------------------------------------
+    def summary(self) -> dict[str, Any]:
+        """What metrics.json records about the solve."""
+        assert self.objective is not None
+        final = self.final
+        start = self.stop.objectives[0] if self.stop.objectives else None
+        out: dict[str, Any] = {
+            **self.solver.settings(),
+            "status": self.status,
+            "weight_decay": self.objective.weight_decay,
+            "objective": None if final is None else final.objective,
+            "objective_start": start,
+            "grad_norm": None if final is None else final.grad_norm,
+            "grad_norm_start": self.stop.grad_norms[0] if self.stop.grad_norms else None,
+            "epochs": self.epochs,
+            "eval_passes": self.eval_passes,
+        }
+        if self.objective_star is not None and final is not None and start is not None:
+            out["objective_star"] = self.objective_star
+            out["gap"] = (final.objective - self.objective_star) / max(start - self.objective_star, 1e-300)
+        if self.path is not None:
+            out["weight_decay_path"] = self.path.results
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"solver": self.solver.state_dict(), "stop": self.stop.state_dict(), "status": self.status,
+                "epochs": self.epochs, "eval_passes": self.eval_passes, "objective_star": self.objective_star,
+                "path": None if self.path is None else self.path.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.solver.load_state_dict(state["solver"])
+        self.stop.load_state_dict(state["stop"])
+        self.status, self.epochs, self.eval_passes = state["status"], int(state["epochs"]), int(state["eval_passes"])
+        self.objective_star = state["objective_star"]
+        self.path = None if state["path"] is None else ValidationPath.from_state(state["path"])

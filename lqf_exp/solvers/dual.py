@@ -1,0 +1,133 @@
+"""The LQF quadratic in its dual (empirical NTK) form: exact solution, leave-one-out and λ selection.
+
+With the stacked Jacobian ``J`` (rows ``(n, c)``, ``NC × P``) and residual ``r = α·Y − f0(X)`` (``NC``), the MSE
+objective ``(1/N)‖r − Jδ‖² + (λ/2)‖δ‖²`` is minimized by ``δ* = Jᵀu`` with ``(K + μI) u = r``, ``K = JJᵀ`` and
+``μ = Nλ/2``: kernel ridge regression. One eigendecomposition ``K = U diag(s) Uᵀ`` gives the solution, the hat
+matrix ``S = K(K + μI)⁻¹`` and hence the exact leave-one-out residuals for every μ. Leaving sample ``n`` out removes
+its C rows; its left-out residual is ``(I − S_nn)⁻¹ e_n`` with ``S_nn`` the C×C diagonal block of S and ``e = r − Sr``.
+Convention: the penalty of the full problem is kept (the sum form ``Σ_n ℓ_n + μ‖δ‖²``), as the paper's sum-form
+objective does; with the mean form the left-out problem would have μ·(N−1)/N.
+
+When the head was itself fitted on the same data by ridge regression (the probe head of LQF, a linear smoother
+with hat matrix ``H`` acting on each class), leaving a sample out must refit the head as well, or the sample vouches
+for itself through it. That two-stage estimate has an exact closed form too (``prior_hat=H``): the head's left-out
+residual is ``e^h_n = r_n/(1 − H_nn)`` (``r = (I − H)Y``), the head fitted without n moves the other residuals by
+``H_{:,n} e^h_n``, and the kernel stage's left-out prediction of those is ``(I − S_nn)⁻¹([Sr]_n − S_nn r_n +
+(B_n − S_nn H_nn) e^h_n)`` with ``B_n`` the n-th diagonal block of ``S(H ⊗ I)``. (The Jacobian is taken at the
+head fitted on all samples, as the solve itself does.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["DualSystem", "LambdaChoice"]
+
+
+@dataclass
+class LambdaChoice:
+    """The λ picked by leave-one-out, with the whole path (for logs and plots)."""
+
+    weight_decay: float
+    grid: list[float]
+    loo_errors: list[float]
+    loo_accuracy: list[float]
+
+
+def _diagonal_blocks(matrix: Tensor, N: int, C: int) -> Tensor:
+    """The N diagonal C×C blocks of an (NC × NC) matrix with rows ordered (n, c): ``[N, C, C]``."""
+    return matrix.view(N, C, N, C).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+
+
+class DualSystem:
+    """``K = JJᵀ`` and ``r`` of one LQF problem (float64), with its eigendecomposition computed on first use.
+
+    Args:
+        jacobian: ``[N, C, P]`` per-sample Jacobians with respect to δ at w0.
+        residual: ``[N, C]`` targets minus the outputs at the linearization point, ``α·onehot − f(x; δ=0)``.
+    """
+
+    def __init__(self, jacobian: Tensor, residual: Tensor) -> None:
+        N, C, P = jacobian.shape
+        if residual.shape != (N, C):
+            raise ValueError(f"residual must be {(N, C)}, got {tuple(residual.shape)}")
+        self.N, self.C = N, C
+        rows = jacobian.reshape(N * C, P).to(torch.float64)
+        self.rows = rows
+        self.kernel = rows @ rows.T
+        self.residual = residual.reshape(-1).to(torch.float64)
+        self._eig: tuple[Tensor, Tensor] | None = None
+
+    def ridge(self, weight_decay: float) -> float:
+        """``μ = Nλ/2``."""
+        return self.N * float(weight_decay) / 2
+
+    @property
+    def eig(self) -> tuple[Tensor, Tensor]:
+        if self._eig is None:
+            s, U = torch.linalg.eigh(self.kernel)
+            self._eig = (s.clamp_min(0.0), U)
+        return self._eig
+
+    def solve(self, weight_decay: float) -> tuple[Tensor, Tensor]:
+        """``(δ*, u)``: the optimum (flat, ``[P]``) and the dual coefficients (``[NC]``) by a Cholesky solve."""
+        mu = self.ridge(weight_decay)
+        if mu <= 0:
+            raise ValueError("the dual solve needs λ > 0 (the kernel can be singular)")
+        system = self.kernel + mu * torch.eye(self.kernel.shape[0], dtype=self.kernel.dtype, device=self.kernel.device)
+        factor, info = torch.linalg.cholesky_ex(system)
+        if int(info) != 0:
+            s, U = self.eig
+            u = U @ ((U.T @ self.residual) / (s + mu))
+        else:
+            u = torch.cholesky_solve(self.residual[:, None], factor)[:, 0]
+        return self.rows.T @ u, u
+
+    def objective(self, weight_decay: float, u: Tensor) -> float:
+        """``L(δ*)`` from the dual coefficients: the residual at the optimum is ``μu``, ``‖δ*‖² = uᵀKu``."""
+        mu = self.ridge(weight_decay)
+        data = float((mu * u).pow(2).sum()) / self.N
+        return data + 0.5 * float(weight_decay) * float(u @ (self.kernel @ u))
+
+    def hat_matrix(self, weight_decay: float) -> Tensor:
+        s, U = self.eig
+        return (U * (s / (s + self.ridge(weight_decay)))) @ U.T
+
+    def loo_residuals(self, weight_decay: float, prior_hat: Tensor | None = None) -> Tensor:
+        """Exact leave-one-out residuals ``[N, C]`` (block form over the C outputs of each sample).
+
+        ``prior_hat`` (``[N, N]``, optional): the hat matrix of a ridge head fitted on the same samples, acting on
+        every output alike (see the module docstring).
+        """
+        N, C = self.N, self.C
+        hat = self.hat_matrix(weight_decay)
+        eye = torch.eye(C, dtype=hat.dtype, device=hat.device)
+        blocks = _diagonal_blocks(hat, N, C)
+        r = self.residual.view(N, C)
+        if prior_hat is None:
+            return torch.linalg.solve(eye - blocks, (self.residual - hat @ self.residual).view(N, C, 1))[..., 0]
+        prior = prior_hat.to(hat)
+        head_loo = r / (1.0 - prior.diagonal())[:, None]
+        cross = _diagonal_blocks(hat @ torch.kron(prior, eye), N, C) - blocks * prior.diagonal()[:, None, None]
+        moved = (hat @ self.residual).view(N, C) - (blocks @ r[..., None])[..., 0]
+        moved = moved + (cross @ head_loo[..., None])[..., 0]
+        return head_loo - torch.linalg.solve(eye - blocks, moved[..., None])[..., 0]
+
+    def select_weight_decay(self, grid: list[float], targets: Tensor, prior_hat: Tensor | None = None
+                            ) -> LambdaChoice:
+        """The λ of ``grid`` with the smallest leave-one-out error ``mean_n ‖e_n^{loo}‖²``.
+
+        ``targets`` (``[N, C]``, the α·onehot rows) give the left-out predictions ``targets − e^{loo}`` whose
+        accuracy is recorded alongside (ties in the error go to the larger λ).
+        """
+        errors, accuracy = [], []
+        labels = targets.argmax(dim=1)
+        for weight_decay in grid:
+            loo = self.loo_residuals(weight_decay, prior_hat)
+            errors.append(float(loo.pow(2).sum(dim=1).mean()))
+            accuracy.append(float(((targets.to(loo) - loo).argmax(dim=1) == labels).double().mean()))
+        best = min(range(len(grid)), key=lambda i: (errors[i], -grid[i]))
+        return LambdaChoice(float(grid[best]), [float(g) for g in grid], errors, accuracy)
