@@ -68,7 +68,7 @@ def main() -> None:
         optimizer.step()
 
     layers = net.curvature_layers()
-    acc = FactorAccumulator(net.base_network, {n: b is not None for n, (_, b) in layers.items()}, "mse")
+    acc = FactorAccumulator(net.base_network, {n: b is not None for n, (_, b) in layers.items()}, ScaledMSELoss())
     acc.accumulate(x, y)
     factors = acc.finalize("mean", dtype=torch.float32)
     inverses = {n: KroneckerInverse(A, G, damping=1e-3, dtype=torch.float32) for n, (A, G) in factors.items()}

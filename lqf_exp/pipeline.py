@@ -82,8 +82,19 @@ def build(node: DictConfig, **kwargs: Any) -> Any:
 
 
 def _last_checkpoint(output_dir: Path) -> str | None:
+    """``checkpoints/last.ckpt`` if it loads; one cut short by a kill is set aside (``last.ckpt.corrupt``) and the
+    run starts over rather than failing."""
     last = output_dir / "checkpoints" / "last.ckpt"
-    return str(last) if last.is_file() else None
+    if not last.is_file():
+        return None
+    try:
+        torch.load(last, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any unreadable file is treated the same way
+        aside = last.with_name("last.ckpt.corrupt")
+        last.replace(aside)
+        log.warning("%s cannot be loaded (%s); it was moved to %s and the run starts over", last, error, aside)
+        return None
+    return str(last)
 
 
 def _build_module(cfg: DictConfig, datamodule: ClassificationDataModule) -> ClassifierModule:

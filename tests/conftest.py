@@ -7,12 +7,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
-from lqf_exp.config import CONFIG_DIR, register_resolvers
+from lqf_exp.config import compose_config, register_resolvers
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
@@ -28,20 +26,6 @@ SMOKE = ["debug=smoke", "model.weights=null", "data.batch_size=16", "precond=non
 requires_fashion_mnist = pytest.mark.skipif(
     not FASHION_MNIST_ROOT.is_dir(), reason="needs `apt-get install dataset-fashion-mnist`"
 )
-
-
-def compose_config(overrides: list[str], output_dir: Path | None = None) -> DictConfig:
-    """The composed config for ``overrides``, with Hydra's runtime info set so ``${hydra:...}`` resolves."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
-    if output_dir is not None:
-        with open_dict(cfg):
-            cfg.hydra.runtime.output_dir = str(output_dir)
-            cfg.hydra.runtime.cwd = str(REPO_ROOT)
-            cfg.hydra.job.num = 0
-    HydraConfig.instance().set_config(cfg)
-    return cfg
 
 
 @pytest.fixture

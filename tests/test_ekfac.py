@@ -207,7 +207,7 @@ def test_callback_preconditions_with_corrected_eigenvalues() -> None:
     w0_factors = factors_at_w0(module, num_batches=2)
     cb = KFACPreconditioner(num_batches=2, damping=1e-3, eigenvalue_correction=True)
     fit(module, cb, steps=3)
-    assert cb.num_updates == 1 and cb.stats["correction_seconds"] > 0 and not cb._batch_cache
+    assert cb.num_updates == 1 and cb.stats["correction_seconds"] > 0 and not cb.operator._batch_cache
     bases = {n: (inv.Q_A, inv.Q_G) for n, inv in cb.inverses.items()}
     expected = corrections_at_w0(ToyModule(constant=True), bases, num_batches=2)
     gamma = 1e-3 + 0.01
@@ -241,7 +241,7 @@ def test_callback_state_dict_round_trip_restores_corrections(monkeypatch: pytest
         def __init__(self, *args, **kwargs) -> None:
             raise AssertionError("the corrections were recomputed")
 
-    monkeypatch.setattr("lqf_exp.precond.callback.EigenvalueCorrection", Forbidden)
+    monkeypatch.setattr("lqf_exp.precond.operator.EigenvalueCorrection", Forbidden)
     restored = KFACPreconditioner(num_batches=2, eigenvalue_correction=True)
     restored.load_state_dict(state)
     fit(ToyModule(constant=True), restored, steps=2)
@@ -276,7 +276,7 @@ def test_callback_refresh_recomputes_corrections() -> None:
     module = ToyModule(constant=False)
     cb = KFACPreconditioner(num_batches=2, update_every=2, eigenvalue_correction=True)
     fit(module, cb, steps=5)
-    assert cb.num_updates == 3 and not cb._batch_cache
+    assert cb.num_updates == 3 and not cb.operator._batch_cache
     raw, seen = module.raw[4], module.seen[4]  # step 4 used the latest, corrected, inverse
     torch.testing.assert_close(seen[2], cb.inverses["2"].apply(raw[2]))
     torch.testing.assert_close(cb.inverses["2"].eigenvalues, cb.corrections["2"][2])

@@ -113,3 +113,15 @@ def test_linearize_from_a_block(make_cfg) -> None:
     module, _ = build(make_cfg, [*LQF_SMOKE, "method.linearize=layer3"])
     names = module.linearized.linearized_names
     assert names and all(n.startswith(("layer3.", "fc.")) for n in names)
+
+
+def test_a_diverging_solve_stops_and_is_recorded_as_such(make_cfg, tmp_path: Path) -> None:
+    from lqf_exp.solvers import DivergenceError
+
+    cfg = make_cfg([*LQF_SMOKE, "solver=sgd", "solver.lr=1e6", "solver.schedule=constant", "method.weight_decay=1e-4",
+                    "trainer.max_epochs=5", "trainer.limit_train_batches=2", "method.stop.max_epochs=5"])
+    with pytest.raises(DivergenceError, match=r"'lr': 1000000\.0"):
+        run(cfg)
+    record = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert record["status"] == "diverged" and "'solver': 'sgd'" in record["error"]
+    assert record["metrics"] == {} and not (tmp_path / "run" / "error.json").exists()

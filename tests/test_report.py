@@ -177,7 +177,7 @@ def test_ablation_relative_increase(ablation_report: tuple[Path, str]) -> None:
     assert median_row[:2] == ["**median**", f"{100 * (5 / 11 + 12 / 20) / 2:+.1f}% (n=2)"]
     assert_png(path.parent / "ablation.png")
     # The failures are listed at the end with their error line.
-    failures = text.split("## Failed and missing cells", 1)[1]
+    failures = text.split("## Diverged, failed and missing cells", 1)[1]
     assert "ValueError: boom" in failures and failures.count("RuntimeError: OOM") == 2
 
 
@@ -212,9 +212,12 @@ def test_table1_selects_by_validation_not_test(tmp_path: Path) -> None:
         "data": {"name": "pets", "batch_size": 64},
         "activation": {"name": "leaky_relu"},
         "loss": {"_target_": "lqf_exp.losses.ScaledMSELoss"},
-        "method": {"_target_": "lqf_exp.methods.LQF"},
+        "method": {
+            "_target_": "lqf_exp.methods.LQF",
+            "solver": {"_target_": "lqf_exp.solvers.SGDSolver", "lr": 0.001, "momentum": 0.9},
+            "weight_decay": "${oops}",
+        },
         "precond": {"name": "kfac"},
-        "optim": {"lr": 0.001, "momentum": 0.9, "weight_decay": "${oops}"},
     }
     (missing / "config.yaml").write_text(yaml.safe_dump(config))
 
@@ -252,7 +255,7 @@ def test_table1_selects_by_validation_not_test(tmp_path: Path) -> None:
         "mse",
     )
     assert pending["weight_decay"] == "" and float(pending["lr"]) == 0.001
-    assert "pets/lqf-s1" in text.split("## Failed and missing cells", 1)[1]
+    assert "pets/lqf-s1" in text.split("## Diverged, failed and missing cells", 1)[1]
 
 
 def test_lowshot_values(tmp_path: Path) -> None:
@@ -354,3 +357,19 @@ def test_wandb_logging_is_a_noop_without_a_run(ablation_report: tuple[Path, str]
     assert log_tables_to_wandb(out) == len(list(out.glob("*.csv")))
     columns, data = logged["report/ablation"]
     assert "test_err_mean" in columns and len(data) == 16
+
+
+def test_diverged_cells_are_results_marked_in_tables_and_listed(tmp_path: Path) -> None:
+    sweep = tmp_path / "ablation"
+    for seed in (0, 1):
+        write_cell(sweep, f"kfac-s{seed}", 10 + seed, seed=seed, precond="kfac")
+    diverged = write_cell(sweep, "none-s0", 12, seed=0, precond="none")
+    payload = json.loads((diverged / "metrics.json").read_text())
+    payload.update(status="diverged", metrics={}, error="the LQF objective exploded: 3.1e+09 > 1000 × its start")
+    (diverged / "metrics.json").write_text(json.dumps(payload))
+    cells = {c.name: c for c in load_cells(sweep)}
+    assert cells["none-s0"].status == "diverged" and cells["none-s0"].error_line.startswith("DIVERGED: ")
+    text = write_report(sweep, kind="ablation").read_text()
+    assert "1 diverged" in text and f"`{sweep}`" not in text  # relative paths only
+    listed = text.split("## Diverged, failed and missing cells", 1)[1]
+    assert "**Diverged (1):**" in listed and "exploded" in listed

@@ -1,5 +1,5 @@
-"""Curvature preconditioners: K-FAC factors, EKFAC eigenvalue corrections, their exactly damped inverse, and the
-Lightning callback."""
+"""Curvature preconditioners: K-FAC factors, EKFAC eigenvalue corrections, their exactly damped inverse, the
+Lightning-free operator that combines them, and the Lightning callback that drives it."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from lqf_exp.precond.ekfac import EigenvalueCorrection
 from lqf_exp.precond.factors import FISHER_TYPES, KFAC_APPROXES, FactorAccumulator, LayerHookPass
 from lqf_exp.precond.inverse import KroneckerInverse, memory_bytes, precondition_layer
+from lqf_exp.precond.operator import KFACOperator
 
 if TYPE_CHECKING:
     from lqf_exp.precond.callback import KFACPreconditioner
@@ -17,6 +18,7 @@ __all__ = [
     "KFAC_APPROXES",
     "EigenvalueCorrection",
     "FactorAccumulator",
+    "KFACOperator",
     "KFACPreconditioner",
     "KroneckerInverse",
     "LayerHookPass",

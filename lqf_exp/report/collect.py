@@ -15,7 +15,7 @@ ERROR_FILE = "error.json"
 CONFIG_FILES = ("config_resolved.yaml", ".hydra/config.yaml")
 FACTOR_KEYS = (
     "task", "recipe", "model", "weights", "activation", "loss", "precond", "method", "linearize",
-    "data", "shots", "lr", "momentum", "weight_decay", "batch_size", "seed",
+    "data", "shots", "solver", "lr", "momentum", "weight_decay", "batch_size", "seed",
 )  # fmt: skip
 # Directories that never hold a cell but can be large (checkpoints, W&B's local files).
 _SKIP_DIRS = {".hydra", "checkpoints", "wandb", "lightning_logs", "__pycache__", ".git"}
@@ -26,11 +26,12 @@ _METHOD_NAMES = {"FineTune": "finetune", "LQF": "lqf", "Probe": "probe"}
 
 @dataclass
 class Cell:
-    """One job of a sweep: its factors, its final metrics, and whether it finished, failed or is missing."""
+    """One job of a sweep: its factors, its final metrics, and whether it finished, diverged (an LQF solve whose
+    objective blew up: a result without metrics), failed or is missing."""
 
     path: Path
     name: str  # path relative to the sweep directory
-    status: str  # "finished" | "failed" | "missing"
+    status: str  # "finished" | "diverged" | "failed" | "missing"
     factors: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     error: str | None = None
@@ -59,7 +60,9 @@ class Cell:
     def error_line(self) -> str:
         """The one-line reason this cell has no result."""
         lines = (self.error or "").strip().splitlines()
-        return lines[0] if lines else ("unknown error" if self.status == "failed" else "")
+        if lines:
+            return ("DIVERGED: " if self.status == "diverged" else "") + lines[0]
+        return "unknown error" if self.status in ("failed", "diverged") else ""
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -113,9 +116,10 @@ def factors_from_config(cell_dir: Path) -> dict[str, Any]:
         "linearize": _lookup(cfg, "method.linearize"),
         "data": _lookup(cfg, "data.name"),
         "shots": _lookup(cfg, "data.shots"),
-        "lr": _lookup(cfg, "optim.lr"),
-        "momentum": _lookup(cfg, "optim.momentum"),
-        "weight_decay": _lookup(cfg, "optim.weight_decay"),
+        "solver": choices.get("solver") if method == "lqf" else None,
+        "lr": _lookup(cfg, "method.solver.lr") if method == "lqf" else _lookup(cfg, "optim.lr"),
+        "momentum": _lookup(cfg, "method.solver.momentum") if method == "lqf" else _lookup(cfg, "optim.momentum"),
+        "weight_decay": _lookup(cfg, "method.weight_decay") if method == "lqf" else _lookup(cfg, "optim.weight_decay"),
         "batch_size": _lookup(cfg, "data.batch_size"),
         "seed": _lookup(cfg, "seed"),
     }
@@ -139,6 +143,10 @@ def _read_cell(cell_dir: Path, sweep_dir: Path) -> Cell | None:
             epochs=payload.get("epochs"),
             duration_s=payload.get("duration_s"),
         )
+    if payload is not None and payload.get("status") == "diverged":
+        factors = dict(payload.get("factors") or {})
+        return Cell(cell_dir, name, "diverged", factors, error=str(payload.get("error") or "diverged"),
+                    epochs=payload.get("epochs"), duration_s=payload.get("duration_s"))
     failure = _read_json(error_path) if error_path.is_file() else None
     if failure is not None:
         factors = dict(failure.get("factors") or {}) or factors_from_config(cell_dir)

@@ -68,32 +68,45 @@ def cell_rows(cells: Sequence[Cell]) -> list[dict[str, Any]]:
 
 
 def _cell_summary(cell: Cell) -> str:
-    keys = ("data", "recipe", "method", "activation", "loss", "precond", "shots", "lr", "weight_decay", "batch_size")
+    keys = ("data", "recipe", "method", "activation", "loss", "precond", "solver", "shots", "lr", "weight_decay",
+            "batch_size")
     factors = ", ".join(f"{k}={cell.get(k)}" for k in (*keys, "seed") if cell.get(k) is not None)
     return f"`{cell.name}` ({factors})"
 
 
 def _header(sweep_dir: Path, cells: Sequence[Cell], kinds: Sequence[str], kind: str) -> str:
-    counts = {s: sum(c.status == s for c in cells) for s in ("finished", "failed", "missing")}
+    counts = {s: sum(c.status == s for c in cells) for s in ("finished", "diverged", "failed", "missing")}
     why = "detected from the factors that vary" if kind == "auto" else "requested"
     lines = [
         f"# Sweep report: {sweep_dir.name}",
         "",
-        f"- Sweep directory: `{sweep_dir}`",
-        f"- Cells: {len(cells)} ({counts['finished']} finished, {counts['failed']} failed, "
-        f"{counts['missing']} missing/running); one row per cell in `cells.csv`.",
+        f"- Sweep directory: `{_shown_path(sweep_dir)}`",
+        f"- Cells: {len(cells)} ({counts['finished']} finished, {counts['diverged']} diverged, {counts['failed']} "
+        f"failed, {counts['missing']} missing/running); one row per cell in `cells.csv`.",
         f"- Tables ({why}): {', '.join(kinds)}.",
-        "- Failed and missing cells are marked in every table they belong to and listed at the end.",
+        "- Diverged, failed and missing cells are marked in every table they belong to and listed at the end.",
     ]
     return "\n".join(lines)
 
 
+def _shown_path(path: Path) -> str:
+    """``path`` relative to the working directory when it lies below it, else its name: reports travel."""
+    try:
+        return path.resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return path.name
+
+
 def _failures(cells: Sequence[Cell]) -> str:
+    diverged = [c for c in cells if c.status == "diverged"]
     failed = [c for c in cells if c.status == "failed"]
     missing = [c for c in cells if c.status == "missing"]
-    parts = ["## Failed and missing cells"]
-    if not failed and not missing:
+    parts = ["## Diverged, failed and missing cells"]
+    if not diverged and not failed and not missing:
         parts.append("None: every cell finished." if cells else "None.")
+    if diverged:
+        parts.append(f"**Diverged ({len(diverged)}):**\n\n" + "\n".join(
+            f"- {_cell_summary(c)}: {md_cell(c.error_line)}" for c in diverged))  # fmt: skip
     if failed:
         parts.append(f"**Failed ({len(failed)}):**\n\n" + "\n".join(
             f"- {_cell_summary(c)}: {md_cell(c.error_line)}" for c in failed))  # fmt: skip

@@ -90,7 +90,8 @@ class Pick:
 
     @property
     def failed(self) -> list[Cell]:
-        return [c for c in self.cells if c.status == "failed"]
+        """Cells without a result: failed runs and diverged solves (their error line says which)."""
+        return [c for c in self.cells if c.status in ("failed", "diverged")]
 
     @property
     def missing(self) -> list[Cell]:

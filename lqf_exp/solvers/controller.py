@@ -6,6 +6,7 @@ with plain loops. Everything a resumed run needs to end at the same answer is in
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -40,6 +41,10 @@ class SolveController:
         self.eval_passes = 0
         self.final: Evaluation | None = None
         self.objective_star: float | None = None  # L* when an exact (dual) solve gave it
+        # One row per recorded point: pass count, λ, objective, gradient norm (when known), seconds since the start.
+        self.history: list[dict[str, float | None]] = []
+        self._clock = time.perf_counter()
+        self._elapsed = 0.0  # seconds of earlier sessions (a resumed run)
 
     # -- setup ------------------------------------------------------------------------------------------------
     def start(self, objective: LQFObjective, train_size: int, world_size: int, evaluate: Evaluate) -> None:
@@ -56,6 +61,12 @@ class SolveController:
         return f"{self.solver.settings()}, weight_decay={self.objective.weight_decay:g}"
 
     def _record(self, evaluation: Evaluation) -> bool:
+        assert self.objective is not None
+        self.history.append({
+            "epoch": float(self.epochs), "weight_decay": self.objective.weight_decay,
+            "objective": evaluation.objective, "grad_norm": evaluation.grad_norm,
+            "seconds": self._elapsed + time.perf_counter() - self._clock,
+        })
         converged = self.stop.update(evaluation.objective, evaluation.grad_norm, self.context(), self.solver.settled)
         self.final = evaluation
         return converged
@@ -135,12 +146,13 @@ class SolveController:
             out["gap"] = (final.objective - self.objective_star) / max(start - self.objective_star, 1e-300)
         if self.path is not None:
             out["weight_decay_path"] = self.path.results
+        out["history"] = self.history
         return out
 
     def state_dict(self) -> dict[str, Any]:
         return {"solver": self.solver.state_dict(), "stop": self.stop.state_dict(), "status": self.status,
                 "epochs": self.epochs, "eval_passes": self.eval_passes, "objective_star": self.objective_star,
-                "path": None if self.path is None else self.path.state_dict()}
+                "path": None if self.path is None else self.path.state_dict(), "history": self.history}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.solver.load_state_dict(state["solver"])
@@ -148,3 +160,5 @@ class SolveController:
         self.status, self.epochs, self.eval_passes = state["status"], int(state["epochs"]), int(state["eval_passes"])
         self.objective_star = state["objective_star"]
         self.path = None if state["path"] is None else ValidationPath.from_state(state["path"])
+        self.history = [dict(row) for row in state["history"]]
+        self._elapsed = float(self.history[-1]["seconds"] or 0.0) if self.history else 0.0
