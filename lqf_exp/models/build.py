@@ -12,6 +12,7 @@ from torchvision import models as tvm
 
 from . import weights as W
 from .activations import make_activation, parse_activation, swap_activations
+from .pooling import POOLINGS, SqrtCovPooling
 from .small_resnet import SmallResNet
 
 log = logging.getLogger(__name__)
@@ -41,11 +42,34 @@ def _backbone(arch: str, num_classes: int, imagenet: bool, kw: dict[str, Any]) -
     return net
 
 
+def _check_pooling(pooling: str, reduce_dim: int | None, iterations: int) -> None:
+    if pooling not in POOLINGS:
+        raise ValueError(f"Unknown pooling {pooling!r}; valid options are: {', '.join(POOLINGS)}")
+    if reduce_dim is not None and (isinstance(reduce_dim, bool) or not isinstance(reduce_dim, int) or reduce_dim < 1):
+        raise ValueError(f"pooling_reduce_dim must be null or an integer >= 1, got {reduce_dim!r}")
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+        raise ValueError(f"pooling_iterations must be an integer >= 1, got {iterations!r}")
+
+
+def _use_sqrt_cov(net: nn.Module, num_classes: int, reduce_dim: int | None, iterations: int) -> None:
+    """Replace ``avgpool`` by :class:`SqrtCovPooling` and ``fc`` by a head over its d(d+1)/2 features.
+
+    Same attribute name, same place in ``named_children()``: ``LinearizedNetwork``'s block order and
+    ``linearize=<block>`` see the pooling where the average pooling was.
+    """
+    pool = SqrtCovPooling(net.fc.in_features, reduce_dim=reduce_dim, iterations=iterations)
+    net.avgpool = pool
+    net.fc = nn.Linear(pool.out_features, num_classes)
+
+
 def build_network(
     arch: str,
     num_classes: int,
     activation: Mapping[str, Any] | str,
     weights: str | os.PathLike[str] | None = None,
+    pooling: str = "avg",
+    pooling_reduce_dim: int | None = None,
+    pooling_iterations: int = 5,
     **kw: Any,
 ) -> nn.Module:
     """Build ``arch`` with a new ``fc`` head for ``num_classes``, load ``weights``, swap activations.
@@ -54,20 +78,30 @@ def build_network(
     only), ``"packaged"`` (the shipped FMNIST source checkpoint for this arch and activation), or a
     checkpoint path. Activations are swapped after loading, so ReLU-trained weights are reused with
     Leaky-ReLU as-is (a post-hoc swap; the paper pretrained a Leaky-ReLU ResNet-50 instead).
+    ``pooling``: ``"avg"`` (the architecture's global average pooling) or ``"sqrt_cov"`` (B-LQF / MPN-COV:
+    :class:`~lqf_exp.models.pooling.SqrtCovPooling` with ``pooling_reduce_dim`` and ``pooling_iterations``,
+    which ``"avg"`` ignores). Loading an average-pooled checkpoint (packaged, ImageNet) keeps the backbone
+    and leaves the new parts at their init: the head (another size) and any reduction layer, drawn from the
+    global RNG (the pipeline seeds it before building, so w0 stays a function of the config and the seed).
     Extra ``kw`` go to the architecture constructor (e.g. ``widths`` for ``small_resnet``).
     """
     if arch not in ARCHS:
         raise ValueError(f"Unknown arch {arch!r}; valid options are: {', '.join(ARCHS)}")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    _check_pooling(pooling, pooling_reduce_dim, pooling_iterations)
     act_name, slope = parse_activation(activation)
     factory = make_activation(act_name, slope)  # validate before any (slow) building or downloading
     source = None if weights in _NO_WEIGHTS else os.fspath(weights)
     if source == "packaged":
         source = os.fspath(W.packaged_checkpoint_path(arch, act_name))
     net = _backbone(arch, num_classes, imagenet=source == "imagenet", kw=dict(kw))
+    if pooling == "sqrt_cov":
+        _use_sqrt_cov(net, num_classes, pooling_reduce_dim, pooling_iterations)
     if source not in (None, "imagenet"):
-        info = W.load_network_weights(net, source, activation_name=act_name)
+        # A checkpoint saved with sqrt_cov pooling restores the reduction; any other leaves it at its init.
+        fresh = ("avgpool.",) if pooling == "sqrt_cov" else ()
+        info = W.load_network_weights(net, source, activation_name=act_name, fresh_prefixes=fresh)
         log.info("Loaded %s weights from %s (meta: %s)", arch, source, info.get("meta"))
     n = swap_activations(net, factory)
     log.debug("Swapped %d activation modules of %s to %s", n, arch, act_name)

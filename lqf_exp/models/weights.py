@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -97,24 +97,28 @@ def _activation_name(recorded: Any) -> str | None:
 
 
 def load_network_weights(
-    net: nn.Module, path: str | os.PathLike[str], activation_name: str | None = None
+    net: nn.Module,
+    path: str | os.PathLike[str],
+    activation_name: str | None = None,
+    fresh_prefixes: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Load the checkpoint at ``path`` into ``net`` strictly, except for a head of another size.
 
-    ``fc.*`` entries whose shape differs from ``net``'s head are dropped (new class count: the fresh
-    head is kept). Any other missing, unexpected or mis-shaped key raises ``ValueError``. Returns the
-    checkpoint's ``arch``/``activation``/``meta`` info (empty for a plain state dict).
+    If any ``fc.*`` entry's shape differs from ``net``'s head (new class count, or a pooling with another
+    number of features), every ``fc.*`` entry is dropped and the fresh head is kept whole: a pretrained
+    bias next to a new weight would be neither. Keys of ``net`` under ``fresh_prefixes`` (layers the
+    checkpoint may predate, e.g. ``avgpool.`` of a sqrt_cov pooling) may be missing and then keep their
+    init; present, they must match. Any other missing, unexpected or mis-shaped key raises ``ValueError``.
+    Returns the checkpoint's ``arch``/``activation``/``meta`` info (empty for a plain state dict).
     """
     state, info = read_checkpoint(path)
     target = net.state_dict()
-    dropped = [
-        k
-        for k, v in state.items()
-        if k.startswith(HEAD_PREFIX) and k in target and v.shape != target[k].shape
-    ]
+    head = [k for k in state if k.startswith(HEAD_PREFIX) and k in target]
+    dropped = head if any(state[k].shape != target[k].shape for k in head) else []
     for k in dropped:
         del state[k]
-    missing = [k for k in target if k not in state and k not in dropped]
+    kept_fresh = [k for k in target if k not in state and k.startswith(tuple(fresh_prefixes))]
+    missing = [k for k in target if k not in state and k not in dropped and k not in kept_fresh]
     unexpected = [k for k in state if k not in target]
     mismatched = [
         f"{k} {tuple(state[k].shape)} vs {tuple(target[k].shape)}"
@@ -135,7 +139,9 @@ def load_network_weights(
         raise ValueError(f"Checkpoint {path} does not match the network{hint}; " + "; ".join(parts))
     net.load_state_dict(state, strict=False)  # strictness already checked above, with better messages
     if dropped:
-        log.info("Checkpoint %s: head %s dropped (class count differs), new head kept", path, dropped)
+        log.info("Checkpoint %s: head %s dropped (its size differs), new head kept", path, dropped)
+    if kept_fresh:
+        log.info("Checkpoint %s has no %s; they keep their (seeded) init", path, _shown(kept_fresh))
     recorded = _activation_name(info.get("activation"))
     if activation_name is not None and recorded is not None and recorded != activation_name:
         log.warning(

@@ -13,8 +13,8 @@ from lqf_exp.report.collect import Cell
 HP_KEYS = ("lr", "weight_decay", "batch_size", "momentum")
 # Factors that may tell two methods apart when recipe/method alone does not.
 EXTRA_KEYS = ("task", "model", "weights", "activation", "loss", "precond", "linearize", "shots", "method")
-# Column order of the paper's Table 1; other labels follow alphabetically.
-METHOD_ORDER = ("nlft", "finetune", "lqf", "lqf_fc", "gaf", "probe", "fc")
+# Column order of the paper's Tables 1 and 2 (MPN-COV and B-LQF: Table 2); other labels follow alphabetically.
+METHOD_ORDER = ("nlft", "finetune", "mpn_cov", "b_lqf", "lqf", "lqf_fc", "gaf", "probe", "fc")
 MAX_ERROR_CHARS = 70
 
 
