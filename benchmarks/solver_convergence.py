@@ -10,7 +10,11 @@ recorded in its ``metrics.json`` (``solver.history``) gives the gap ``(L − L*)
 A pass is one epoch over the training data: for ``adaptive`` a gradient and two forward-mode products per step
 (then one curvature product per pass once it has handed over to conjugate gradient), for ``sgd`` a gradient per
 step, for ``cg`` one curvature product, for ``kernel`` the Jacobian rows. Times include the evaluation passes a
-solver needs for its stopping rule. Example::
+solver needs for its stopping rule.
+
+Then, on the default task (digits) at the same λ, ``λmax(P·H)`` of the preconditioned Hessian for ``precond=none``,
+``kfac`` and ``ekfac`` by power iteration with exact curvature products (:func:`lqf_exp.solvers.spectrum`): 1 would
+be an exact preconditioner; a fixed-step method must keep its learning rate below ``2/λmax``. Example::
 
     python benchmarks/solver_convergence.py                       # the four tasks, every solver
     python benchmarks/solver_convergence.py --tasks digits-5shot --solvers adaptive cg --max-passes 20
@@ -25,10 +29,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytorch_lightning as pl
 import torch
+from torch.utils.data import DataLoader
 
 from lqf_exp.config import compose_config
-from lqf_exp.pipeline import run
+from lqf_exp.pipeline import build, build_module, run
+from lqf_exp.precond import KFACOperator
+from lqf_exp.precond.operator import operator_options
+from lqf_exp.solvers import DivergenceError, LQFObjective, preconditioned_max_eigenvalue
 
 TASKS = {
     "digits": ["data=digits"],
@@ -59,9 +68,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--solvers", nargs="+", default=["adaptive", "sgd", "cg", "kernel"],
                    choices=["adaptive", "sgd", "cg", "kernel"])
     p.add_argument("--max-passes", type=int, default=60)
+    p.add_argument("--certify-passes", type=int, default=400, help="cap of the CG certificate where no kernel fits")
     p.add_argument("--large-lambda", type=float, default=1e-3, help="λ where the kernel does not fit (digits)")
     p.add_argument("--plain-sgd-lrs", type=float, nargs="*", default=[],
                    help="also run sgd with precond=none at these learning rates (best of them reported)")
+    p.add_argument("--spectrum-task", default="digits", choices=[*TASKS, "none"],
+                   help="task whose λmax(P·H) is measured for each preconditioner ('none': skip)")
     p.add_argument("--out", default="outputs/benchmarks/solver_convergence")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     return p.parse_args(argv)
@@ -70,7 +82,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def solve(task: str, overrides: list[str], out: Path) -> dict:
     """One run through the pipeline; returns its metrics.json payload."""
     started = time.perf_counter()
-    payload = run(compose_config([*TASKS[task], *QUIET, *overrides], out))
+    try:
+        payload = run(compose_config([*TASKS[task], *QUIET, *overrides], out))
+    except DivergenceError:  # a result: metrics.json holds the history up to the blow-up
+        payload = json.loads((out / "metrics.json").read_text())
     payload["wall_s"] = time.perf_counter() - started
     return payload
 
@@ -81,7 +96,8 @@ def certify(task: str, args: argparse.Namespace, out: Path) -> tuple[float, floa
         payload = solve(task, ["solver=kernel"], out / task / "certify")
     else:
         payload = solve(task, ["solver=cg", "solver.tol=1e-8", f"method.weight_decay={args.large_lambda}",
-                               "method.stop.rel_gap=1e-12", "method.stop.max_epochs=400", "trainer.max_epochs=400"],
+                               "method.stop.rel_gap=1e-12", f"method.stop.max_epochs={args.certify_passes}",
+                               f"trainer.max_epochs={args.certify_passes}"],
                         out / task / "certify")
     summary = payload["solver"]
     print(f"{task}: λ = {summary['weight_decay']:g}, L* = {summary['objective']:.8g} certified by {summary['solver']} "
@@ -95,13 +111,34 @@ def measure(task: str, label: str, overrides: list[str], weight_decay: float, l_
     passes = args.max_passes
     payload = solve(task, [*overrides, f"method.weight_decay={weight_decay}", "method.stop.rel_gap=1e-12",
                            f"method.stop.max_epochs={passes}", f"trainer.max_epochs={passes}"], out / task / label)
-    history = payload["solver"]["history"]
+    history = payload["solver"].get("history") or [{"objective": float("nan"), "epoch": 0, "seconds": 0.0}]
     start = history[0]["objective"]
     gaps = [((row["objective"] - l_star) / (start - l_star), row) for row in history]
     passes_to = {g: next((int(row["epoch"]) for gap, row in gaps if gap <= g), None) for g in GAPS}
     seconds_to = {g: next((row["seconds"] for gap, row in gaps if gap <= g), None) for g in GAPS}
-    return Result(task, label, weight_decay, passes_to, seconds_to, gaps[-1][0], payload["metrics"]["test/acc"],
-                  payload["wall_s"])
+    final_gap = gaps[-1][0] if payload["status"] == "finished" and gaps else float("inf")  # inf: diverged
+    return Result(task, label, weight_decay, passes_to, seconds_to, final_gap,
+                  payload["metrics"].get("test/acc", float("nan")), payload["wall_s"])
+
+
+def max_eigenvalue(task: str, precond: str, weight_decay: float, out: Path) -> tuple[float, int]:
+    """``λmax(P·H)`` at w0 with the default head and factors of ``precond``, over the full training set."""
+    cfg = compose_config([*TASKS[task], *QUIET, f"precond={precond}", f"method.weight_decay={weight_decay}"], out)
+    pl.seed_everything(cfg.seed)
+    datamodule = build(cfg.data)
+    datamodule.setup("fit")
+    module = build_module(cfg, datamodule)
+    loader = lambda: DataLoader(datamodule.train_dataset, batch_size=datamodule.eval_batch_size)  # noqa: E731
+    module.initialize_head(loader())
+    objective = LQFObjective(module.linearized, module.loss_fn, weight_decay)
+    if cfg.precond.get("callback"):
+        options = {k: cfg.precond.callback[k] for k in ("fisher_type", "mc_samples", "kfac_approx", "damping",
+                                                          "eigenvalue_correction")}
+        operator = KFACOperator(module.curvature_targets(), **operator_options(**options))
+        batches = datamodule.train_dataloader()
+        operator.estimate([b for _, b in zip(range(cfg.precond.callback.num_batches), batches, strict=False)])
+        objective.attach(operator)
+    return preconditioned_max_eigenvalue(objective, loader, iterations=50, rel_tol=1e-3)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -130,9 +167,18 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         print(row(r, optimum_acc[r.task]))
-    (out / "results.json").write_text(json.dumps([r.__dict__ | {"passes_to": {str(k): v for k, v in
-                                                  r.passes_to.items()}, "seconds_to": {str(k): v for k, v in
-                                                  r.seconds_to.items()}} for r in results], indent=2))
+    spectrum = {}
+    if args.spectrum_task != "none":
+        task = args.spectrum_task
+        weight_decay = next((r.weight_decay for r in results if r.task == task), args.large_lambda)
+        print(f"\nλmax(P·H) on {task}, λ = {weight_decay:g}, power iteration with exact curvature products:")
+        print("| precond | λmax(P·H) | iterations |\n|---|---:|---:|")
+        for precond in ("none", "kfac", "ekfac"):
+            spectrum[precond], used = max_eigenvalue(task, precond, weight_decay, out / task / "spectrum")
+            print(f"| {precond} | {spectrum[precond]:.4g} | {used} |", flush=True)
+    rows = [r.__dict__ | {"passes_to": {str(k): v for k, v in r.passes_to.items()},
+                          "seconds_to": {str(k): v for k, v in r.seconds_to.items()}} for r in results]
+    (out / "results.json").write_text(json.dumps({"results": rows, "lambda_max": spectrum}, indent=2))
 
 
 def fmt(value: float | None, digits: int = 0) -> str:
@@ -141,8 +187,12 @@ def fmt(value: float | None, digits: int = 0) -> str:
 
 def row(r: Result, optimum: float) -> str:
     return (f"| {r.task} | {r.solver} | {r.weight_decay:g} | {fmt(r.passes_to[1e-2])} | {fmt(r.passes_to[1e-4])} | "
-            f"{fmt(r.seconds_to[1e-2], 1)} | {fmt(r.seconds_to[1e-4], 1)} | {r.final_gap:.1e} | {r.test_acc:.4f} "
+            f"{fmt(r.seconds_to[1e-2], 1)} | {fmt(r.seconds_to[1e-4], 1)} | {gap_text(r.final_gap)} | {r.test_acc:.4f} "
             f"({optimum:.4f}) | {r.seconds:.0f} |")
+
+
+def gap_text(gap: float) -> str:
+    return "diverged" if gap == float("inf") else f"{gap:.1e}"
 
 
 def print_result(r: Result, optimum: float) -> None:

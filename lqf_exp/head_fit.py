@@ -16,12 +16,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
-    "L2_GRID", "HeadFit", "fit_logistic_head", "fit_ridge_head", "ridge_hat_matrix", "ridge_head", "ridge_loo_errors",
-    "select_ridge_l2",
+    "L2_GRID", "PROBE_L2_GRID", "HeadFit", "ValidatedHeadFit", "fit_head_on_validation", "fit_logistic_head",
+    "fit_ridge_head", "ridge_hat_matrix", "ridge_head", "ridge_loo_errors", "select_ridge_l2",
 ]
 
 # The log grid the leave-one-out choices search (penalty per sample, as in ``(l2/2)‖W‖²`` of a batch mean).
 L2_GRID: tuple[float, ...] = tuple(10.0 ** (k / 2) for k in range(-12, 9))
+# Coarser, for choices that need one fit per value (a logistic head has no closed-form path over l2).
+PROBE_L2_GRID: tuple[float, ...] = tuple(10.0**k for k in range(-6, 3))
 
 
 @dataclass
@@ -53,8 +55,12 @@ def ridge_head(
     N, D = Xc.shape
     # Normal equations of the centred problem, multiplied by N: (XcᵀXc + N·l2/2·I) Wᵀ = XcᵀTc.
     # With l2 = 0 the system may be singular (D ≥ N): take the minimum-norm least-squares solution instead.
-    A = Xc.T @ Xc + (N * l2 / 2) * torch.eye(D, dtype=Xc.dtype)
-    Wt = torch.linalg.solve(A, Xc.T @ Tc) if l2 > 0 else torch.linalg.lstsq(Xc, Tc, driver="gelsd").solution
+    if l2 <= 0:
+        Wt = torch.linalg.lstsq(Xc, Tc, driver="gelsd").solution
+    elif N < D:  # push-through: (XcᵀXc + μI)⁻¹Xcᵀ = Xcᵀ(XcXcᵀ + μI)⁻¹, an N×N system
+        Wt = Xc.T @ torch.linalg.solve(Xc @ Xc.T + (N * l2 / 2) * torch.eye(N, dtype=Xc.dtype), Tc)
+    else:
+        Wt = torch.linalg.solve(Xc.T @ Xc + (N * l2 / 2) * torch.eye(D, dtype=Xc.dtype), Xc.T @ Tc)
     bias = mu_t - mu_x @ Wt
     return Wt.T.contiguous().to(features.dtype), bias.to(features.dtype)
 
@@ -68,15 +74,24 @@ def ridge_loo_errors(
     (μ = N·l2/2), so the left-out residual is ``e_i / (1 − H_ii)``; one eigendecomposition serves the whole grid.
     """
     Xc, Tc, _, _ = _centred(features, labels, num_classes, target_scale)
-    N = Xc.shape[0]
-    s, V = torch.linalg.eigh(Xc.T @ Xc)
-    s = s.clamp_min(0.0)
-    XV, VtXtT = Xc @ V, V.T @ (Xc.T @ Tc)
+    N, D = Xc.shape
+    # H − 11ᵀ/N = U diag(s/(s+μ)) Uᵀ with U, s the eigenpairs of the N×N Gram XcXcᵀ; from the D×D side when D < N
+    # (U = XcV/√s): the cost is that of the smaller of the two matrices (a 2080-wide bilinear head at a few shots).
+    if N <= D:
+        s, U = torch.linalg.eigh(Xc @ Xc.T)
+    else:
+        s, V = torch.linalg.eigh(Xc.T @ Xc)
+        U = Xc @ V
+    keep = s > 1e-12 * s.max().clamp_min(1e-300)  # null directions carry no fit and no leverage
+    s, U = s[keep], U[:, keep]
+    if N > D:
+        U = U / s.sqrt()
+    UtT = U.T @ Tc
     errors = []
     for l2 in grid:
-        inv = 1.0 / (s + N * float(l2) / 2)
-        leverage = (XV.pow(2) * inv).sum(dim=1) + 1.0 / N
-        residual = Tc - XV @ (inv[:, None] * VtXtT)
+        shrink = s / (s + N * float(l2) / 2)
+        leverage = (U.pow(2) * shrink).sum(dim=1) + 1.0 / N
+        residual = Tc - U @ (shrink[:, None] * UtT)
         errors.append((residual / (1.0 - leverage)[:, None]).pow(2).sum(dim=1).mean())
     return torch.stack(errors)
 
@@ -94,6 +109,9 @@ def ridge_hat_matrix(features: Tensor, l2: float) -> Tensor:
     X = features.detach().to(torch.float64).flatten(1)
     Xc = X - X.mean(0)
     N, D = Xc.shape
+    if N <= D:  # push-through: Xc(XcᵀXc + μI)⁻¹Xcᵀ = K(K + μI)⁻¹, K = XcXcᵀ
+        gram = Xc @ Xc.T
+        return torch.linalg.solve(gram + (N * l2 / 2) * torch.eye(N, dtype=Xc.dtype), gram).T + 1.0 / N
     system = Xc.T @ Xc + (N * l2 / 2) * torch.eye(D, dtype=Xc.dtype)
     return Xc @ torch.linalg.solve(system, Xc.T) + 1.0 / N
 
@@ -139,3 +157,31 @@ def fit_logistic_head(
     if not (math.isfinite(float(weight.abs().max())) and math.isfinite(float(bias.abs().max()))):
         raise RuntimeError("the logistic-regression head fit produced non-finite weights")
     return HeadFit(weight.to(features.dtype), bias.to(features.dtype), float(l2))
+
+
+@dataclass
+class ValidatedHeadFit:
+    """The head fitted with the ``l2`` of the lowest validation loss, and the loss of every ``l2`` tried."""
+
+    fit: HeadFit
+    curve: dict[float, float]
+
+
+def fit_head_on_validation(
+    fit: Callable[[float], HeadFit],
+    validation_loss: Callable[[HeadFit], float],
+    grid: tuple[float, ...] = PROBE_L2_GRID,
+) -> ValidatedHeadFit:
+    """Fit a head for every ``l2`` of ``grid`` (``fit(l2)``) and keep the one of lowest ``validation_loss``: the
+    choice a demanding user makes for a probe, for any loss (the logistic head has no leave-one-out shortcut)."""
+    if not grid:
+        raise ValueError("the l2 grid of the head fit is empty")
+    curve: dict[float, float] = {}
+    best: HeadFit | None = None
+    for l2 in grid:
+        candidate = fit(float(l2))
+        curve[float(l2)] = float(validation_loss(candidate))
+        if best is None or curve[float(l2)] < curve[best.l2]:
+            best = candidate
+    assert best is not None
+    return ValidatedHeadFit(best, curve)

@@ -12,10 +12,10 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from lqf_exp.head_fit import HeadFit
+from lqf_exp.head_fit import PROBE_L2_GRID, HeadFit, ValidatedHeadFit, fit_head_on_validation
 from lqf_exp.losses import ClassificationLoss
 
-__all__ = ["HEAD_INIT_KINDS", "check_head_init_kind", "extract_features", "init_head"]
+__all__ = ["HEAD_INIT_KINDS", "check_head_init_kind", "extract_features", "fit_validated_head", "init_head"]
 
 HEAD_INIT_KINDS = ("probe", "random")
 _ZERO_HEAD_MSG = (
@@ -97,3 +97,35 @@ def init_head(
         head.weight.copy_(fit.weight)
         head.bias.copy_(fit.bias)
     return fit
+
+
+def fit_validated_head(
+    net: nn.Module,
+    train_loader: Iterable,
+    val_loader: Iterable,
+    loss: ClassificationLoss,
+    grid: tuple[float, ...] = PROBE_L2_GRID,
+    device: torch.device | str | None = None,
+    head_name: str = "fc",
+) -> ValidatedHeadFit:
+    """Write into ``net.<head_name>`` the head that ``loss.fit_head`` gives on the frozen features of
+    ``train_loader`` with the ``l2`` of ``grid`` whose head has the lowest mean ``loss`` on ``val_loader``: the
+    linear probe solved to its optimum, its one hyper-parameter chosen on validation."""
+    head = _head(net, head_name)
+    if head.bias is None:
+        raise ValueError(f"net.{head_name} has no bias; the probe head fits one (unpenalized)")
+    feats, labels = extract_features(net, train_loader, device, head_name)
+    val_feats, val_labels = extract_features(net, val_loader, device, head_name)
+    if len(val_labels) == 0:
+        raise ValueError("choosing the probe's l2 on validation needs a non-empty validation split")
+
+    def validation_loss(fit: HeadFit) -> float:
+        logits = val_feats.double() @ fit.weight.double().T + fit.bias.double()
+        return float(loss.per_sample(logits, val_labels).mean())
+
+    chosen = fit_head_on_validation(lambda l2: loss.fit_head(feats, labels, head.out_features, l2), validation_loss,
+                                    grid)
+    with torch.no_grad():
+        head.weight.copy_(chosen.fit.weight)
+        head.bias.copy_(chosen.fit.bias)
+    return chosen

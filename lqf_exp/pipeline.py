@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from lqf_exp.data import ClassificationDataModule
-from lqf_exp.methods import LQF, ClassifierModule
+from lqf_exp.methods import ClassifierModule
 from lqf_exp.models import save_network_checkpoint
 from lqf_exp.results import METRICS_FILE, atomic_write_json, atomic_write_text, read_metrics, write_error
 from lqf_exp.solvers import DivergenceError
@@ -54,6 +54,7 @@ def run_factors(cfg: DictConfig) -> dict[str, Any]:
         "recipe": cfg.get("recipe"),
         "model": cfg.model.arch,
         "weights": cfg.model.get("weights"),
+        "pooling": cfg.model.get("pooling", "avg"),
         "activation": cfg.activation.name,
         "loss": get_class(cfg.loss._target_).kind,
         "precond": cfg.precond.name,
@@ -97,7 +98,7 @@ def _last_checkpoint(output_dir: Path) -> str | None:
     return str(last)
 
 
-def _build_module(cfg: DictConfig, datamodule: ClassificationDataModule) -> ClassifierModule:
+def build_module(cfg: DictConfig, datamodule: ClassificationDataModule) -> ClassifierModule:
     # Seeded here so that a randomly initialized w0 (and head) is a function of the seed, hence rebuildable.
     torch.manual_seed(cfg.seed)
     net = build(cfg.model, activation=OmegaConf.to_container(cfg.activation), num_classes=datamodule.num_classes)
@@ -152,7 +153,7 @@ def _train_and_test(
     pl.seed_everything(cfg.seed, workers=True)
     datamodule: ClassificationDataModule = build(cfg.data)
     datamodule.setup("fit")  # bad roots and impossible `shots` fail here, before any model is built
-    module = _build_module(cfg, datamodule)
+    module = build_module(cfg, datamodule)
     callbacks = instantiate_collection(cfg.get("callbacks"))
     if cfg.precond.get("callback"):
         callbacks.append(build(cfg.precond.callback))
@@ -169,7 +170,7 @@ def _train_and_test(
         raise
     fit_metrics = dict(trainer.callback_metrics)
 
-    checkpoint = next((cb for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint)), None)
+    checkpoint = next((cb for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint) and cb.monitor), None)
     best = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
     tested = best if module.test_checkpoint == "best" else None  # None: the weights at the end of fit
     test_results = trainer.test(module, datamodule=datamodule, ckpt_path=tested, weights_only=True, verbose=False)
@@ -186,12 +187,12 @@ def _train_and_test(
         "best_checkpoint": best,
         "data": datamodule.describe(),
         "epochs": trainer.current_epoch,
+        "steps": trainer.global_step,
         "duration_s": round(time.time() - started, 2),
         "output_dir": str(output_dir),
         "device": "cuda" if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else "cpu",
     }
-    if isinstance(module, LQF):
-        payload["solver"] = module.solve_summary()
+    payload.update(module.run_summary())
     if trainer.is_global_zero:
         atomic_write_json(output_dir / METRICS_FILE, payload)
         _print_summary(factors, metrics, output_dir)
@@ -211,7 +212,7 @@ def _record_divergence(
         "run_name": None,
         "factors": factors,
         "metrics": {},
-        "solver": module.solve_summary() if isinstance(module, LQF) else {},
+        **module.run_summary(),
         "epochs": trainer.current_epoch,
         "duration_s": round(time.time() - started, 2),
         "output_dir": str(output_dir),

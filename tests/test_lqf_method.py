@@ -10,7 +10,7 @@ import torch
 from hydra.utils import instantiate
 
 from lqf_exp.methods import LQF
-from lqf_exp.pipeline import _build_module, run
+from lqf_exp.pipeline import build_module, run
 
 from .conftest import SMOKE
 
@@ -21,7 +21,7 @@ def build(make_cfg, overrides: list[str]) -> tuple[LQF, object]:
     cfg = make_cfg(overrides)
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
-    return _build_module(cfg, datamodule), datamodule
+    return build_module(cfg, datamodule), datamodule
 
 
 @pytest.mark.parametrize("loss", ["mse", "ce"])
@@ -56,7 +56,7 @@ def test_w0_and_bn_statistics_unchanged_by_training(make_cfg, tmp_path: Path) ->
     cfg = make_cfg([*LQF_SMOKE, "loss=mse", "trainer.limit_train_batches=3"])
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
-    module = _build_module(cfg, datamodule)
+    module = build_module(cfg, datamodule)
     trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
     module.trainer = trainer  # head initialization reads the datamodule from the trainer
     trainer.datamodule = datamodule
@@ -77,7 +77,8 @@ def test_checkpoint_holds_delta_not_w0_and_reload_reproduces_predictions(make_cf
     keys = set(checkpoint["state_dict"])
     assert keys == {k for k in keys if k.startswith(("net.deltas.", "net.net.fc.", "val_acc_best."))} | {"head_ready"}
     assert checkpoint["lqf_solve"]["controller"]["solver"] is not None and checkpoint["lqf_solve"]["weight_decay"] > 0
-    assert checkpoint["lqf_w0_source"] == {"model": "small_resnet", "weights": None, "activation": "leaky_relu"}
+    assert checkpoint["lqf_w0_source"] == {"model": "small_resnet", "weights": None, "pooling": "avg",
+                                           "activation": "leaky_relu"}
 
     trained, datamodule = build(make_cfg, cfg_overrides)
     trained.on_load_checkpoint(checkpoint)

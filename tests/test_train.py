@@ -15,8 +15,8 @@ from lqf_exp.results import ERROR_FILE, METRICS_FILE, atomic_write_json
 from .conftest import SMOKE
 
 FACTOR_KEYS = {
-    "task", "recipe", "model", "weights", "activation", "loss", "precond", "method", "linearize", "data", "shots",
-    "solver", "lr", "momentum", "weight_decay", "batch_size", "seed",
+    "task", "recipe", "model", "weights", "pooling", "activation", "loss", "precond", "method", "linearize", "data",
+    "shots", "solver", "lr", "momentum", "weight_decay", "batch_size", "seed",
 }
 
 
@@ -35,20 +35,20 @@ def test_one_batch_run(method: str, loss: str, activation: str, make_cfg, tmp_pa
     assert 0.0 <= written["metrics"]["test/acc"] <= 1.0
     assert {"val/acc", "val/loss", "test/acc", "test/loss"} <= set(written["metrics"])
     assert (tmp_path / "run" / "config_resolved.yaml").is_file()
-    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+    # A probe is solved before its first step: nothing to resume, so no checkpoint.
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file() == (method == "finetune")
 
 
-def test_probe_trains_only_the_head(make_cfg) -> None:
+def test_probe_takes_no_gradient_and_keeps_bn_statistics(make_cfg) -> None:
     from hydra.utils import instantiate
 
-    from lqf_exp.pipeline import _build_module
+    from lqf_exp.pipeline import build_module
 
     cfg = make_cfg([*SMOKE, "method=probe"])
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
-    module = _build_module(cfg, datamodule)
-    trainable = {name for name, p in module.named_parameters() if p.requires_grad}
-    assert trainable == {"net.fc.weight", "net.fc.bias"}
+    module = build_module(cfg, datamodule)
+    assert not any(p.requires_grad for p in module.parameters())  # the head is solved, not stepped
     module.train()
     assert not any(m.training for m in module.net.modules())
 
@@ -93,3 +93,11 @@ def test_atomic_write_leaves_old_file_when_interrupted(tmp_path: Path, monkeypat
         atomic_write_json(path, {"status": "finished", "a": 2})
     assert json.loads(path.read_text()) == {"status": "finished", "a": 1}
     assert list(tmp_path.iterdir()) == [path]
+
+
+def test_latest_checkpoint_follows_every_epoch_even_without_improvement(make_cfg, tmp_path: Path) -> None:
+    # A negligible lr keeps val/acc flat, so the best checkpoint stays at epoch 0; resuming must not go back there.
+    run(make_cfg([*SMOKE, "method=finetune", "optim.lr=1e-12", "trainer.max_epochs=3"]))
+    latest = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert latest["epoch"] == 2
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["epoch_000.ckpt", "last.ckpt"]

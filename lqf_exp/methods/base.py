@@ -8,6 +8,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, Subset
 from torchmetrics import MaxMetric
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -111,6 +112,25 @@ class ClassifierModule(pl.LightningModule):
     def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         return self(batch[0]).argmax(dim=1)
 
+    def run_summary(self) -> dict[str, Any]:
+        """What metrics.json records about how the method trained, beyond its metrics (a method adds entries)."""
+        return {}
+
+    # -- the data a method reads beyond the training loop (head fits, full-data objectives) --------------------
+    def train_data(self) -> Any:
+        """The training samples: all of them, or what ``limit_train_batches`` lets train (a smoke run)."""
+        datamodule = self.trainer.datamodule
+        dataset, limit, batch = datamodule.train_dataset, self.trainer.limit_train_batches, datamodule.batch_size
+        if isinstance(limit, int) and limit * batch < len(dataset):
+            return Subset(dataset, list(range(limit * batch)))
+        if isinstance(limit, float) and limit < 1.0:
+            return Subset(dataset, list(range(max(1, int(limit * len(dataset))))))
+        return dataset
+
+    def eval_loader(self, dataset: Any) -> DataLoader:
+        """``dataset`` in order, at the evaluation batch size (no shuffling: head fits are deterministic)."""
+        return DataLoader(dataset, batch_size=self.trainer.datamodule.eval_batch_size, shuffle=False)
+
 
 
 class GradientMethod(ClassifierModule):
@@ -140,5 +160,7 @@ class GradientMethod(ClassifierModule):
         optimizer = self.optimizer_factory(params=self.optimizer_parameters())
         if self.scheduler_factory is None:
             return {"optimizer": optimizer}
-        scheduler = self.scheduler_factory(optimizer=optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        # The run's length in optimizer steps: max_steps, or epochs × batches (what early stopping may cut short).
+        total_steps = int(self.trainer.estimated_stepping_batches)
+        scheduler = self.scheduler_factory(optimizer=optimizer, total_steps=total_steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -24,6 +24,9 @@ from lqf_exp.methods.base import ClassifierModule
 from lqf_exp.methods.lqf_setup import choose_weight_decay, parse_weight_decay
 from lqf_exp.solvers import Evaluation, LQFObjective, SolveController, Solver, StoppingRule, WeightDecaySelection
 
+# The run factors that rebuild w0; a checkpoint linearized around another w0 is refused.
+W0_SOURCE_KEYS = ("model", "weights", "pooling", "activation")
+
 
 class _SolverSteps(torch.optim.Optimizer):
     """Lets Lightning count and hook the solver's steps (``global_step``, checkpoint cadence); the solver's state
@@ -119,17 +122,6 @@ class LQF(ClassifierModule):
         datamodule = self.trainer.datamodule
         loader = DataLoader(self._rank_share(dataset), batch_size=datamodule.eval_batch_size, shuffle=False)
         return ((x.to(self.device), y.to(self.device)) for x, y in loader)
-
-    def train_data(self) -> Any:
-        """The training samples of the objective: all of them, or what ``limit_train_batches`` lets train."""
-        dataset = self.trainer.datamodule.train_dataset
-        limit = self.trainer.limit_train_batches
-        batch = self.trainer.datamodule.batch_size
-        if isinstance(limit, int) and limit * batch < len(dataset):
-            return Subset(dataset, list(range(limit * batch)))
-        if isinstance(limit, float) and limit < 1.0:
-            return Subset(dataset, list(range(max(1, int(limit * len(dataset))))))
-        return dataset
 
     def train_batches(self) -> Any:
         return self._batches(self.train_data())
@@ -232,6 +224,9 @@ class LQF(ClassifierModule):
     def on_train_end(self) -> None:
         self.controller.certify(self.evaluate)
 
+    def run_summary(self) -> dict[str, Any]:
+        return {"solver": self.solve_summary()}
+
     def solve_summary(self) -> dict[str, Any]:
         """What metrics.json records about the solve (``solver`` entry)."""
         if self.objective is None:
@@ -247,7 +242,7 @@ class LQF(ClassifierModule):
         state = checkpoint["state_dict"]
         for key in self._rebuildable_keys(state):
             del state[key]
-        checkpoint["lqf_w0_source"] = {k: v for k, v in self.hparams.items() if k in ("model", "weights", "activation")}
+        checkpoint["lqf_w0_source"] = {k: v for k, v in self.hparams.items() if k in W0_SOURCE_KEYS}
         checkpoint["lqf_solve"] = {"controller": self.controller.state_dict(), "weight_decay": self.weight_decay,
                                    "selection": self.selection_record, "head": self.head_record}
 

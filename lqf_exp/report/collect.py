@@ -14,7 +14,7 @@ METRICS_FILE = "metrics.json"
 ERROR_FILE = "error.json"
 CONFIG_FILES = ("config_resolved.yaml", ".hydra/config.yaml")
 FACTOR_KEYS = (
-    "task", "recipe", "model", "weights", "activation", "loss", "precond", "method", "linearize",
+    "task", "recipe", "model", "weights", "pooling", "activation", "loss", "precond", "method", "linearize",
     "data", "shots", "solver", "lr", "momentum", "weight_decay", "batch_size", "seed",
 )  # fmt: skip
 # Directories that never hold a cell but can be large (checkpoints, W&B's local files).
@@ -109,6 +109,7 @@ def factors_from_config(cell_dir: Path) -> dict[str, Any]:
         "recipe": _lookup(cfg, "recipe"),
         "model": _lookup(cfg, "model.arch"),
         "weights": _lookup(cfg, "model.weights"),
+        "pooling": _lookup(cfg, "model.pooling") or "avg",
         "activation": _lookup(cfg, "activation.name"),
         "loss": loss,
         "precond": _lookup(cfg, "precond.name"),
@@ -117,9 +118,11 @@ def factors_from_config(cell_dir: Path) -> dict[str, Any]:
         "data": _lookup(cfg, "data.name"),
         "shots": _lookup(cfg, "data.shots"),
         "solver": choices.get("solver") if method == "lqf" else None,
-        "lr": _lookup(cfg, "method.solver.lr") if method == "lqf" else _lookup(cfg, "optim.lr"),
-        "momentum": _lookup(cfg, "method.solver.momentum") if method == "lqf" else _lookup(cfg, "optim.momentum"),
-        "weight_decay": _lookup(cfg, "method.weight_decay") if method == "lqf" else _lookup(cfg, "optim.weight_decay"),
+        "lr": _lookup(cfg, "method.solver.lr") if method == "lqf" else _lookup(cfg, "method.optimizer.lr"),
+        "momentum": (_lookup(cfg, "method.solver.momentum") if method == "lqf"
+                     else _lookup(cfg, "method.optimizer.momentum")),
+        "weight_decay": (_lookup(cfg, "method.weight_decay") if method == "lqf"
+                         else _lookup(cfg, "method.optimizer.weight_decay")),
         "batch_size": _lookup(cfg, "data.batch_size"),
         "seed": _lookup(cfg, "seed"),
     }

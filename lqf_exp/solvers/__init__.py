@@ -13,6 +13,7 @@ from lqf_exp.solvers.dual import DualSystem, LambdaChoice
 from lqf_exp.solvers.kernel import KernelSolver, check_kernel_size
 from lqf_exp.solvers.objective import Evaluation, LQFObjective
 from lqf_exp.solvers.sgd import SGDSolver
+from lqf_exp.solvers.spectrum import preconditioned_max_eigenvalue
 from lqf_exp.solvers.stopping import DivergenceError, StoppingRule
 from lqf_exp.solvers.weight_decay import WEIGHT_DECAY_GRID, ValidationPath, WeightDecaySelection
 
@@ -35,4 +36,5 @@ __all__ = [
     "WeightDecaySelection",
     "check_kernel_size",
     "conjugate_gradient",
+    "preconditioned_max_eigenvalue",
 ]

@@ -163,7 +163,7 @@ class CGSolver(Solver):
         if self.cg is None:
             self.start = [d.detach().double().clone() for d in objective.deltas]
             self.start_gradient = axpy(objective.weight_decay, self.start, data)
-            self.start_objective = loss + float(objective.penalty(self.start))
+            self.start_objective = loss + objective.penalty(self.start)
             self.cg = ConjugateGradient([-g for g in self.start_gradient], objective.precondition)
         else:
             hp = axpy(objective.weight_decay, self.cg.direction(), data)

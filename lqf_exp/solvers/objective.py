@@ -101,8 +101,9 @@ class LQFObjective:
                 out[b] = pb.to(vectors[b].dtype)
         return out
 
-    def penalty(self, vectors: Sequence[Tensor]) -> Tensor:
-        return 0.5 * self.weight_decay * sum(v.pow(2).sum() for v in vectors)
+    def penalty(self, vectors: Sequence[Tensor]) -> float:
+        """``(λ/2)‖v‖²`` (a number: gradients of the penalty are added in closed form)."""
+        return 0.5 * self.weight_decay * sum(float(v.detach().double().pow(2).sum()) for v in vectors)
 
     def _count(self, n: int, device: torch.device) -> float:
         return float(self.reduce_sum(torch.tensor(float(n), dtype=torch.float64, device=device)))
@@ -124,7 +125,7 @@ class LQFObjective:
             total += data.detach().double()
             outputs.append(logits.detach())
         grads = _unflatten(self.reduce_sum(flat), self.deltas)
-        value = float(self.reduce_sum(total)) + float(self.penalty(self.deltas))
+        value = float(self.reduce_sum(total)) + self.penalty(self.deltas)
         return value, axpy(self.weight_decay, self.deltas, grads), outputs
 
     def data_gradient(self, x: Tensor, y: Tensor) -> tuple[Vectors, Tensor]:
@@ -170,7 +171,7 @@ class LQFObjective:
             total += self.loss.per_sample(logits + js, y).sum().double()
         count = self._count(sum(len(y) for _, y in batches), device)
         shifted = [d + s.to(d.dtype) for d, s in zip(self.deltas, step, strict=True)]
-        return float(self.reduce_sum(total)) / count + float(self.penalty(shifted))
+        return float(self.reduce_sum(total)) / count + self.penalty(shifted)
 
     # -- full data -------------------------------------------------------------------------------------------
     def evaluate(self, batches: Iterable[Batch], gradient: bool = False) -> Evaluation:
@@ -188,7 +189,7 @@ class LQFObjective:
                     acc.add_(g)
             total += data.detach().double().cpu()
         n = self._count(count, self.deltas[0].device)
-        value = float(self.reduce_sum(total.to(self.deltas[0].device))) / n + float(self.penalty(self.deltas))
+        value = float(self.reduce_sum(total.to(self.deltas[0].device))) / n + self.penalty(self.deltas)
         if grad is None:
             return Evaluation(value)
         flat = self.reduce_sum(torch.cat([g.reshape(-1) for g in grad])) / n
