@@ -12,6 +12,8 @@ from omegaconf import DictConfig
 
 from lqf_exp.config import compose_config, register_resolvers
 
+from .helpers.runtime import one_thread  # noqa: F401  (a fixture, shared by the modules that ask for it)
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
 

@@ -5,8 +5,6 @@ state_dict round trip without recomputation, and all-reduce across two gloo proc
 from __future__ import annotations
 
 import os
-import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,22 +17,16 @@ from torch import Tensor, nn
 from lqf_exp.precond import EigenvalueCorrection, FactorAccumulator, KroneckerInverse
 
 from .helpers.losses import make_loss
+from .helpers.runtime import free_port
 from .test_kfac_exactness import ALPHA, dense_ef_block, dense_ggn_block
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/helpers/runtime.py
 
 # Lightning (the callback, the toy Trainer of test_kfac_callback) is imported inside the callback tests only: the
 # spawned workers of the two-process test import this module, and Lightning would add seconds to each.
 
 DT = torch.float64
 C = 3
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """These tensors are tiny; on 2 cores a multi-threaded ``F.unfold`` costs ~25 ms of overhead per call."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def mlp() -> nn.Module:
@@ -325,15 +317,9 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_process_corrections_equal_single_process(tmp_path: Path) -> None:
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     single = sharded_corrections(batches(image=True, sizes=(3, 5, 2, 4)))
     for rank in range(2):
         res = torch.load(tmp_path / f"rank{rank}.pt")

@@ -4,7 +4,6 @@ all-reduce), and precondition a gradient identically."""
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ from torch import Tensor, nn
 from lqf_exp.precond import FactorAccumulator, KroneckerInverse, precondition_layer
 
 from .helpers.losses import make_loss
+from .helpers.runtime import free_port
 
 DT = torch.float64
 LAYERS = {"0": True, "2": False, "5": True}
@@ -60,15 +60,9 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_process_factors_equal_single_process(tmp_path: Path) -> None:
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     single = factors_and_grads(batches())
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for res in ranks:

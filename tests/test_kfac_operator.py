@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import io
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -18,16 +17,11 @@ from lqf_exp.precond import EigenvalueCorrection, FactorAccumulator, KFACOperato
 
 from .helpers.losses import make_loss
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/helpers/runtime.py
+
+
 DT = torch.float64
 LAYERS = {"0": True, "3": False}  # the conv with its bias, the head without
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_net() -> nn.Module:
