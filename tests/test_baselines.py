@@ -19,6 +19,7 @@ from lqf_exp.methods.schedules import constant, cosine, step_decay
 from lqf_exp.models import build_network
 from lqf_exp.pipeline import build, build_module, run
 from lqf_exp.results import METRICS_FILE
+from lqf_exp.solvers import DivergenceError
 
 from .conftest import SMOKE
 
@@ -69,7 +70,7 @@ def test_probe_is_solved_and_lp_ft_starts_from_its_head(make_cfg, tmp_path: Path
 
 
 def test_frozen_batchnorm_keeps_its_statistics_and_trains_its_affine(make_cfg, tmp_path: Path) -> None:
-    run(make_cfg([*SMOKE, "method=finetune", "method.bn=eval", "optim.lr=0.1", "model.weights=packaged",
+    run(make_cfg([*SMOKE, "method=finetune", "method.bn=eval", "optim.lr=1e-3", "model.weights=packaged",
                   "trainer.limit_train_batches=3"], tmp_path))
     state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     torch.manual_seed(0)
@@ -85,9 +86,16 @@ def test_low_shot_fine_tuning_gets_its_step_budget_and_early_stopping_ends_a_blo
     steps = run(make_cfg([*budget, "trainer.min_steps=12", "trainer.max_steps=12"], tmp_path / "budget"))
     assert steps["steps"] == 12 and steps["epochs"] == 12
     assert json.loads((tmp_path / "budget" / METRICS_FILE).read_text())["head"]["head_init"] == "random"
-    stopped = run(make_cfg([*budget, "optim.lr=1e6", "trainer.min_steps=0", "trainer.max_steps=200",
+    stopped = run(make_cfg([*budget, "optim.lr=0.05", "trainer.min_steps=0", "trainer.max_steps=200",
                             "callbacks.early_stopping.patience=1"], tmp_path / "stopped"))
     assert stopped["steps"] < 200
+
+
+def test_a_fine_tuning_blow_up_is_recorded_as_diverged(make_cfg, tmp_path: Path) -> None:
+    with pytest.raises(DivergenceError, match=r"method=finetune diverged at step \d+: training loss (nan|inf)"):
+        run(make_cfg([*SMOKE, "method=finetune", "optim.lr=1e12", "trainer.limit_train_batches=5"]))
+    written = json.loads((tmp_path / "run" / METRICS_FILE).read_text())
+    assert written["status"] == "diverged" and "optim.lr" in written["error"]
 
 
 def test_schedules_are_fractions_of_the_run() -> None:

@@ -14,6 +14,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lqf_exp.curvature import CurvatureTargets
 from lqf_exp.losses import ClassificationLoss
+from lqf_exp.solvers.stopping import DivergenceError
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
@@ -155,6 +156,16 @@ class GradientMethod(ClassifierModule):
         if not params:
             raise RuntimeError(f"method={self.method_name} left no trainable parameter")
         return params
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # A non-finite loss is a diverged run, recorded as such (metrics.json status), not a finished one at chance.
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is not None and not torch.isfinite(loss.detach()).all():
+            lr = self.trainer.optimizers[0].param_groups[0]["lr"] if self.trainer.optimizers else None
+            raise DivergenceError(
+                f"method={self.method_name} diverged at step {self.global_step}: training loss {float(loss):g} "
+                f"(optimizer lr {lr}); lower optim.lr, or try method.bn=train"
+            )
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = self.optimizer_factory(params=self.optimizer_parameters())
