@@ -10,20 +10,19 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from lqf_exp.head_fit import PROBE_L2_GRID
 from lqf_exp.losses import ClassificationLoss
 from lqf_exp.methods.base import GradientMethod, OptimizerFactory, SchedulerFactory
-from lqf_exp.methods.probe import fit_probe_head, head_of, parse_head_l2
+from lqf_exp.methods.probe import FittedHead, head_of, parse_head_l2
 
 HEAD_INITS = ("random", "probe")
 BN_MODES = ("train", "eval")
 
 
-class FineTune(GradientMethod):
+class FineTune(FittedHead, GradientMethod):
     """All weights trained by the optimizer, with its weight decay toward 0; the head drawn at random or fitted
     first (``head_init``); BatchNorm statistics updated or frozen (``bn``)."""
 
@@ -50,8 +49,7 @@ class FineTune(GradientMethod):
         self.head_l2 = parse_head_l2(head_l2, "method.head_l2")
         self.head_l2_grid = tuple(float(v) for v in head_l2_grid)
         super().__init__(net, loss_fn, num_classes, optimizer, scheduler, hparams)
-        self.head_record: dict[str, Any] = {}
-        self.register_buffer("head_ready", torch.tensor(head_init == "random"))
+        self._track_head(fitted=head_init == "random")
         if head_init == "probe":
             head_of(net)  # fail now, not after loading the data
         self._apply_bn_mode()
@@ -67,17 +65,6 @@ class FineTune(GradientMethod):
             for module in self.net.modules():
                 if isinstance(module, _BatchNorm):
                     module.eval()
-
-    def setup(self, stage: str) -> None:
-        if stage == "fit" and not bool(self.head_ready):
-            self.head_record = fit_probe_head(self, self.head_l2, self.head_l2_grid)
-            self.head_ready.fill_(True)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["probe_head"] = self.head_record
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.head_record = dict(checkpoint.get("probe_head", {}))
 
     def run_summary(self) -> dict[str, Any]:
         return {"head": {"head_init": self.head_init, "bn": self.bn, **self.head_record}}

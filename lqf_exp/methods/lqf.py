@@ -119,9 +119,7 @@ class LQF(ClassifierModule):
         return dataset if world == 1 else Subset(dataset, list(range(rank, len(dataset), world)))
 
     def _batches(self, dataset: Any) -> Any:
-        datamodule = self.trainer.datamodule
-        loader = DataLoader(self._rank_share(dataset), batch_size=datamodule.eval_batch_size, shuffle=False)
-        return ((x.to(self.device), y.to(self.device)) for x, y in loader)
+        return ((x.to(self.device), y.to(self.device)) for x, y in self.eval_loader(self._rank_share(dataset)))
 
     def train_batches(self) -> Any:
         return self._batches(self.train_data())
@@ -149,8 +147,7 @@ class LQF(ClassifierModule):
     def initialize_head(self, loader: DataLoader | None = None) -> None:
         """Fit (``probe``) or draw (``random``) the base head at w0; δ is zero, so f_lin stays f(x; w0)."""
         if loader is None and self.head_init == "probe":
-            datamodule = self.trainer.datamodule
-            loader = DataLoader(self.train_data(), batch_size=datamodule.eval_batch_size, shuffle=False)
+            loader = self.eval_loader(self.train_data())
             if self.head_init_batches is not None:
                 loader = [batch for _, batch in zip(range(self.head_init_batches), loader, strict=False)]
         device = self.trainer.strategy.root_device if self._trainer is not None else None

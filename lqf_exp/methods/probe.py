@@ -54,7 +54,31 @@ def fit_probe_head(module: ClassifierModule, l2: float | None, grid: tuple[float
         net.to(original)
 
 
-class Probe(ClassifierModule):
+class FittedHead:
+    """Mixin for a :class:`ClassifierModule` whose head is fitted once, when the fit starts, by
+    :func:`fit_probe_head` (``head_l2``, ``head_l2_grid``); the fit's record is checkpointed with a flag, so a resumed
+    run keeps its head instead of fitting a new one."""
+
+    head_l2: float | None
+    head_l2_grid: tuple[float, ...]
+
+    def _track_head(self, fitted: bool) -> None:
+        self.head_record: dict[str, Any] = {}
+        self.register_buffer("head_ready", torch.tensor(fitted))  # type: ignore[attr-defined]
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and not bool(self.head_ready):
+            self.head_record = fit_probe_head(self, self.head_l2, self.head_l2_grid)  # type: ignore[arg-type]
+            self.head_ready.fill_(True)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["probe_head"] = self.head_record
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.head_record = dict(checkpoint.get("probe_head", {}))
+
+
+class Probe(FittedHead, ClassifierModule):
     """Backbone frozen and kept in eval mode (BN statistics frozen); the head is fitted once, before the first
     epoch, and the one epoch that follows only measures it. Tested on the fitted head (``final``)."""
 
@@ -70,12 +94,11 @@ class Probe(ClassifierModule):
         l2_grid: tuple[float, ...] | list[float] = PROBE_L2_GRID,
         hparams: dict[str, Any] | None = None,
     ) -> None:
-        self.l2 = parse_head_l2(l2, "method.l2")
-        self.l2_grid = tuple(float(v) for v in l2_grid)
+        self.head_l2 = parse_head_l2(l2, "method.l2")
+        self.head_l2_grid = tuple(float(v) for v in l2_grid)
         super().__init__(net, loss_fn, num_classes, hparams)
         self.automatic_optimization = False
-        self.head_record: dict[str, Any] = {}
-        self.register_buffer("head_ready", torch.tensor(False))  # a resumed run keeps its head
+        self._track_head(fitted=False)
 
     def configure_trainable(self) -> None:
         self.net.requires_grad_(False)  # nothing takes a gradient step: the head is solved
@@ -87,11 +110,6 @@ class Probe(ClassifierModule):
         super().train(mode)
         self.net.eval()
         return self
-
-    def setup(self, stage: str) -> None:
-        if stage == "fit" and not bool(self.head_ready):
-            self.head_record = fit_probe_head(self, self.l2, self.l2_grid)
-            self.head_ready.fill_(True)
 
     def configure_optimizers(self) -> None:
         return None
@@ -106,12 +124,6 @@ class Probe(ClassifierModule):
 
     def on_train_epoch_end(self) -> None:
         self.trainer.should_stop = True  # the head is already at its optimum
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["probe_head"] = self.head_record
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.head_record = dict(checkpoint.get("probe_head", {}))
 
     def run_summary(self) -> dict[str, Any]:
         return {"head": dict(self.head_record)}
