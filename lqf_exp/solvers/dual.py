@@ -37,11 +37,6 @@ class LambdaChoice:
     loo_accuracy: list[float]
 
 
-def _diagonal_blocks(matrix: Tensor, N: int, C: int) -> Tensor:
-    """The N diagonal C×C blocks of an (NC × NC) matrix with rows ordered (n, c): ``[N, C, C]``."""
-    return matrix.view(N, C, N, C).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
-
-
 class DualSystem:
     """``K = JJᵀ`` and ``r`` of one LQF problem (float64), with its eigendecomposition computed on first use.
 
@@ -60,6 +55,7 @@ class DualSystem:
         self.kernel = rows @ rows.T
         self.residual = residual.reshape(-1).to(torch.float64)
         self._eig: tuple[Tensor, Tensor] | None = None
+        self._prior_cache: tuple[Tensor, Tensor] | None = None
 
     def ridge(self, weight_decay: float) -> float:
         """``μ = Nλ/2``."""
@@ -96,24 +92,42 @@ class DualSystem:
         s, U = self.eig
         return (U * (s / (s + self.ridge(weight_decay)))) @ U.T
 
+    def _hat_blocks(self, shrink: Tensor, right: Tensor) -> Tensor:
+        """The N diagonal C×C blocks of ``U diag(shrink) right`` (``right``: ``[NC, NC]``) without forming it."""
+        N, C = self.N, self.C
+        U = self.eig[1]
+        return torch.einsum("ncm,m,mnd->ncd", U.view(N, C, -1), shrink, right.view(-1, N, C))
+
+    def _prior_rotated(self, prior_hat: Tensor) -> Tensor:
+        """``Uᵀ(H ⊗ I_C)`` (``[NC, NC]``), the same for every λ: cached per prior."""
+        if self._prior_cache is not None and self._prior_cache[0] is prior_hat:
+            return self._prior_cache[1]
+        U = self.eig[1]
+        N, C = self.N, self.C
+        rotated = torch.einsum("mkc,kn->mnc", U.T.reshape(-1, N, C), prior_hat.to(U)).reshape(N * C, N * C)
+        self._prior_cache = (prior_hat, rotated)
+        return rotated
+
     def loo_residuals(self, weight_decay: float, prior_hat: Tensor | None = None) -> Tensor:
         """Exact leave-one-out residuals ``[N, C]`` (block form over the C outputs of each sample).
 
         ``prior_hat`` (``[N, N]``, optional): the hat matrix of a ridge head fitted on the same samples, acting on
-        every output alike (see the module docstring).
+        every output alike (see the module docstring). Only the diagonal blocks of the hat matrices are formed, so a
+        λ costs O((NC)²·C) after the one eigendecomposition, not O((NC)³).
         """
         N, C = self.N, self.C
-        hat = self.hat_matrix(weight_decay)
-        eye = torch.eye(C, dtype=hat.dtype, device=hat.device)
-        blocks = _diagonal_blocks(hat, N, C)
+        s, U = self.eig
+        shrink = s / (s + self.ridge(weight_decay))
+        eye = torch.eye(C, dtype=U.dtype, device=U.device)
+        blocks = self._hat_blocks(shrink, U.T)
+        fitted = (U @ (shrink * (U.T @ self.residual))).view(N, C)
         r = self.residual.view(N, C)
         if prior_hat is None:
-            return torch.linalg.solve(eye - blocks, (self.residual - hat @ self.residual).view(N, C, 1))[..., 0]
-        prior = prior_hat.to(hat)
+            return torch.linalg.solve(eye - blocks, (r - fitted)[..., None])[..., 0]
+        prior = prior_hat.to(U)
         head_loo = r / (1.0 - prior.diagonal())[:, None]
-        cross = _diagonal_blocks(hat @ torch.kron(prior, eye), N, C) - blocks * prior.diagonal()[:, None, None]
-        moved = (hat @ self.residual).view(N, C) - (blocks @ r[..., None])[..., 0]
-        moved = moved + (cross @ head_loo[..., None])[..., 0]
+        cross = self._hat_blocks(shrink, self._prior_rotated(prior_hat)) - blocks * prior.diagonal()[:, None, None]
+        moved = fitted - (blocks @ r[..., None])[..., 0] + (cross @ head_loo[..., None])[..., 0]
         return head_loo - torch.linalg.solve(eye - blocks, moved[..., None])[..., 0]
 
     def select_weight_decay(self, grid: list[float], targets: Tensor, prior_hat: Tensor | None = None
