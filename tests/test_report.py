@@ -40,9 +40,11 @@ BASE = {
 
 
 def write_cell(
-    root: Path, name: str, err: float | None = None, val: float = 0.8, error: str | None = None, **factors: Any
+    root: Path, name: str, err: float | None = None, val: float = 0.8, error: str | None = None,
+    steps: int | None = None, **factors: Any,
 ) -> Path:
-    """A finished cell with test error ``err`` (%), or a failed one when ``error`` is given."""
+    """A finished cell with test error ``err`` (%) (and ``steps`` optimizer steps when given), or a failed one when
+    ``error`` is given."""
     cell = root / name
     cell.mkdir(parents=True)
     all_factors = {**BASE, **factors}
@@ -60,6 +62,8 @@ def write_cell(
             "duration_s": 1.5,
             "output_dir": str(cell),
         }
+        if steps is not None:
+            payload["steps"] = steps
         (cell / "metrics.json").write_text(json.dumps(payload))
     return cell
 
@@ -280,6 +284,20 @@ def test_lowshot_values(tmp_path: Path) -> None:
     assert table[0] == ["digits", "1", "50.00 ± 0.00 (n=2)", f"42.00 ± {math.sqrt(8):.2f} (n=2)"]
     assert [r[1] for r in table] == ["1", "5", "full"]
     assert_png(path.parent / "lowshot.png")
+
+
+def test_steps_per_cell_in_tables_and_csv(tmp_path: Path) -> None:
+    for shots in (5, 10):
+        for seed, steps in enumerate((300, 500, 1000)):
+            write_cell(tmp_path, f"ft-{shots}-s{seed}", 20.0, method="finetune", shots=shots, seed=seed, steps=steps)
+            write_cell(tmp_path, f"lqf-{shots}-s{seed}", 10.0, method="lqf", shots=shots, seed=seed, steps=0)
+    path = write_report(tmp_path)
+    table = md_table(path.read_text(), "Low-shot: test error")
+    assert table[0] == ["digits", "5", "20.00 ± 0.00 (n=3, 500 steps)", "10.00 ± 0.00 (n=3, 0 steps)"]
+    rows = read_csv(path.parent / "lowshot.csv")
+    assert float(rows_where(rows, method="finetune", shots="5")[0]["steps_median"]) == 500
+    cells = read_csv(path.parent / "cells.csv")
+    assert sorted(int(r["steps"]) for r in cells if r["method"] == "finetune") == [300, 300, 500, 500, 1000, 1000]
 
 
 def test_robustness_best_elr(tmp_path: Path) -> None:

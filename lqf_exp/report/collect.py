@@ -36,6 +36,7 @@ class Cell:
     metrics: dict[str, float] = field(default_factory=dict)
     error: str | None = None
     epochs: int | None = None
+    steps: int | None = None  # optimizer steps (LQF: solver steps; 0 for a closed-form fit)
     duration_s: float | None = None
 
     def get(self, key: str) -> Any:
@@ -144,12 +145,13 @@ def _read_cell(cell_dir: Path, sweep_dir: Path) -> Cell | None:
             factors=dict(payload.get("factors") or {}),
             metrics={k: float(v) for k, v in (payload.get("metrics") or {}).items() if isinstance(v, (int, float))},
             epochs=payload.get("epochs"),
+            steps=payload.get("steps"),
             duration_s=payload.get("duration_s"),
         )
     if payload is not None and payload.get("status") == "diverged":
         factors = dict(payload.get("factors") or {})
         return Cell(cell_dir, name, "diverged", factors, error=str(payload.get("error") or "diverged"),
-                    epochs=payload.get("epochs"), duration_s=payload.get("duration_s"))
+                    epochs=payload.get("epochs"), steps=payload.get("steps"), duration_s=payload.get("duration_s"))
     failure = _read_json(error_path) if error_path.is_file() else None
     if failure is not None:
         factors = dict(failure.get("factors") or {}) or factors_from_config(cell_dir)

@@ -60,6 +60,7 @@ def cell_rows(cells: Sequence[Cell]) -> list[dict[str, Any]]:
             "test_err": c.test_err,
             **{k: c.metrics.get(k) for k in metric_keys},
             "epochs": c.epochs,
+            "steps": c.steps,
             "duration_s": c.duration_s,
             "error": c.error_line if c.status != "finished" else None,
         }

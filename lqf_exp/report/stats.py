@@ -42,12 +42,14 @@ def short_error(cell: Cell) -> str:
 
 @dataclass
 class Stats:
-    """Mean ± sample std of the test error (%) and mean validation accuracy over the finished seeds."""
+    """Mean ± sample std of the test error (%), mean validation accuracy and median optimizer steps over the
+    finished seeds (steps: None when no cell recorded them)."""
 
     n: int
     mean: float | None
     std: float | None
     val: float | None
+    steps: float | None = None
 
     @classmethod
     def of(cls, cells: Iterable[Cell]) -> Stats:
@@ -58,10 +60,15 @@ class Stats:
             return cls(0, None, None, None)
         # A single seed has no spread to estimate; 0.0 together with "n=1" says so.
         std = statistics.stdev(errs) if len(errs) > 1 else 0.0
-        return cls(len(errs), statistics.fmean(errs), std, statistics.fmean(vals) if vals else None)
+        steps = [c.steps for c in done if c.steps is not None]
+        return cls(len(errs), statistics.fmean(errs), std, statistics.fmean(vals) if vals else None,
+                   statistics.median(steps) if steps else None)
 
     def text(self, digits: int = 2) -> str:
-        return f"{self.mean:.{digits}f} ± {self.std:.{digits}f} (n={self.n})" if self.n else "—"
+        if not self.n:
+            return "—"
+        steps = "" if self.steps is None else f", {self.steps:.0f} steps"
+        return f"{self.mean:.{digits}f} ± {self.std:.{digits}f} (n={self.n}{steps})"
 
 
 @dataclass
@@ -133,6 +140,7 @@ class Pick:
             "test_err_std": best.std,
             "n": best.n,
             "val_acc_mean": best.val,
+            "steps_median": best.steps,
             **{key: self.hp.get(key) for key in self.grid},
             "grid_points": len(self.points),
             "n_failed": len(self.failed),
