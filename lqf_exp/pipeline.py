@@ -17,7 +17,14 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from lqf_exp.data import ClassificationDataModule
 from lqf_exp.methods import ClassifierModule
 from lqf_exp.models import save_network_checkpoint
-from lqf_exp.results import METRICS_FILE, atomic_write_json, atomic_write_text, read_metrics, write_error
+from lqf_exp.results import (
+    FINAL_CHECKPOINT,
+    METRICS_FILE,
+    atomic_write_json,
+    atomic_write_text,
+    read_metrics,
+    write_error,
+)
 from lqf_exp.solvers import DivergenceError
 from lqf_exp.tracking import build_loggers, finishing_wandb, instantiate_collection, log_config
 from lqf_exp.validation import validate_config
@@ -175,6 +182,10 @@ def _train_and_test(
     tested = best if module.test_checkpoint == "best" else None  # None: the weights at the end of fit
     test_results = trainer.test(module, datamodule=datamodule, ckpt_path=tested, weights_only=True, verbose=False)
     metrics = _final_metrics(fit_metrics, test_results[0] if test_results else {})
+    final = None
+    if tested is None:  # the tested weights are the end of fit: keep them (δ, head, K-FAC state) for later analysis
+        final = output_dir / "checkpoints" / FINAL_CHECKPOINT
+        trainer.save_checkpoint(final, weights_only=False)
 
     if cfg.task.name == "pretrain" and trainer.is_global_zero:
         _export_source_model(cfg, module, metrics, output_dir)
@@ -185,6 +196,7 @@ def _train_and_test(
         "metrics": metrics,
         "tested_checkpoint": tested or "final",
         "best_checkpoint": best,
+        "final_checkpoint": None if final is None else str(final),
         "data": datamodule.describe(),
         "epochs": trainer.current_epoch,
         "steps": trainer.global_step,

@@ -13,6 +13,7 @@ from typing import IO, Any
 
 METRICS_FILE = "metrics.json"
 ERROR_FILE = "error.json"
+FINAL_CHECKPOINT = "final.ckpt"  # the weights at the end of fit of a method tested on them (LQF)
 
 
 @contextmanager
