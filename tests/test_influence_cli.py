@@ -1,0 +1,77 @@
+"""``python -m lqf_exp.influence`` on a finished LQF run: the files it writes and what they must hold, and the
+errors it gives for directories that are not finished LQF runs."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.core.global_hydra import GlobalHydra
+
+from lqf_exp.config import compose_config
+from lqf_exp.influence import exact_influence, load_finished_run
+from lqf_exp.influence.__main__ import main
+from lqf_exp.pipeline import run
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+RUN = ["model.weights=null", "data.shots=2", "logger=none", "trainer.accelerator=cpu",
+       "callbacks.progress_bar.refresh_rate=0"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("lqf") / "run"
+    cfg = compose_config(RUN, out)
+    GlobalHydra.instance().clear()
+    metrics = run(cfg)
+    assert metrics["status"] == "finished" and Path(metrics["final_checkpoint"]).is_file()
+    return out
+
+
+def test_cli_writes_csv_gallery_changes_and_summary(run_dir: Path, tmp_path: Path) -> None:
+    assert main([str(run_dir), "--method", "both", "--gallery", "3", "--out", str(tmp_path)]) == 0
+    with (tmp_path / "influence.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    finished = load_finished_run(run_dir)
+    train = finished.datamodule.train_dataset
+    assert len(rows) == len(train) == 20
+    assert [int(r["index"]) for r in rows] == list(range(20))
+    assert [int(r["label"]) for r in rows] == [int(train[i][1]) for i in range(20)]
+    for row in rows:
+        assert float(row["fsi"]) == float(row["fsi_exact"]) >= 0 and float(row["fsi_kfac"]) >= 0
+        assert 0 <= float(row["leverage_exact"]) <= 10 and float(row["self_influence_exact"]) >= 0
+    assert (tmp_path / "gallery.png").read_bytes()[:8] == PNG_MAGIC
+    change = torch.load(tmp_path / "test_change_exact.pt", weights_only=True)["change"]
+    assert change.shape == (20, len(finished.datamodule.test_dataset), 10)
+    summary = json.loads((tmp_path / "influence.json").read_text())
+    assert -1 <= summary["spearman_fsi_kfac_vs_exact"] <= 1 and summary["train_size"] == 20
+    assert set(summary["seconds"]) == {"kfac", "exact"}
+
+
+def test_exact_influence_of_a_run_predicts_its_leave_one_out_residuals(run_dir: Path) -> None:
+    """The influence on the training inputs themselves: f(x_i) − f₋ᵢ(x_i) = ẽ_i − e_i, from the same Jacobians."""
+    finished = load_finished_run(run_dir)
+    net, loss = finished.module.linearized, finished.module.loss_fn
+    x, y = next(iter(torch.utils.data.DataLoader(finished.datamodule.train_dataset, batch_size=20)))
+    J = net.jacobian(x).detach().double()
+    with torch.no_grad():
+        e = loss.targets(y, 10, torch.float64) - net(x).double()
+    result = exact_influence(J, e, J, finished.weight_decay)
+    own = result.change.diagonal(dim1=0, dim2=1).T
+    torch.testing.assert_close(own, result.loo_residual - e, rtol=1e-6, atol=1e-9)
+
+
+def test_errors_name_what_is_wrong(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "nowhere")])
+    assert "holds no finished run" in capsys.readouterr().err
+    finetune = tmp_path / "finetune"
+    GlobalHydra.instance().clear()
+    run(compose_config(["debug=smoke", "model.weights=null", "data.batch_size=16", "precond=none",
+                        "experiment=probe"], finetune))
+    with pytest.raises(SystemExit):
+        main([str(finetune)])
+    assert "influence needs an LQF run" in capsys.readouterr().err
