@@ -54,6 +54,10 @@ class FineTune(FittedHead, GradientMethod):
             head_of(net)  # fail now, not after loading the data
         self._apply_bn_mode()
 
+    def setup(self, stage: str) -> None:
+        super().setup(stage)  # the probe head's fit (LP-FT) leaves every module in train mode
+        self._apply_bn_mode()
+
     def train(self, mode: bool = True) -> FineTune:
         super().train(mode)
         self._apply_bn_mode()
