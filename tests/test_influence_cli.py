@@ -14,6 +14,7 @@ from hydra.core.global_hydra import GlobalHydra
 from lqf_exp.config import compose_config
 from lqf_exp.influence import exact_influence, load_finished_run
 from lqf_exp.influence.__main__ import main
+from lqf_exp.influence.summarize import summarize
 from lqf_exp.pipeline import run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -28,6 +29,8 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     GlobalHydra.instance().clear()
     metrics = run(cfg)
     assert metrics["status"] == "finished" and Path(metrics["final_checkpoint"]).is_file()
+    (out / ".hydra").mkdir()
+    (out / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in RUN))  # as `python run.py` does
     return out
 
 
@@ -75,3 +78,21 @@ def test_errors_name_what_is_wrong(run_dir: Path, tmp_path: Path, capsys: pytest
     with pytest.raises(SystemExit):
         main([str(finetune)])
     assert "influence needs an LQF run" in capsys.readouterr().err
+
+
+def test_summarization_drops_by_informativeness_and_plots(run_dir: Path) -> None:
+    assert main([str(run_dir), "--method", "exact"]) == 0  # influence/influence.csv of the run itself
+    out = summarize(run_dir, [0.0, 0.5], [0])
+    with (out / "summarize.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["order"], float(r["fraction"]), int(r["train_size"])) for r in rows] == [
+        ("most", 0.0, 20), ("least", 0.0, 20), ("most", 0.5, 10), ("least", 0.5, 10)]
+    with (run_dir / "influence" / "influence.csv").open() as handle:
+        fsi = [float(r["fsi"]) for r in csv.DictReader(handle)]
+    ranked = sorted(range(20), key=lambda i: fsi[i], reverse=True)
+    assert sorted(int(i) for i in (out / "drop-most-0.5.txt").read_text().split()) == sorted(ranked[:10])
+    assert sorted(int(i) for i in (out / "drop-least-0.5.txt").read_text().split()) == sorted(ranked[10:])
+    assert (out / "summarize.png").read_bytes()[:8] == PNG_MAGIC
+    assert "| 50% |" in (out / "summarize.md").read_text()
+    kept = json.loads((out / "most-0.5" / "seed0" / "metrics.json").read_text())
+    assert kept["data"]["train_size"] == 10 and kept["data"]["dropped"] == "drop-most-0.5.txt"
