@@ -10,9 +10,9 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from lqf_exp.builders import build, build_module
 from lqf_exp.data import ClassificationDataModule
 from lqf_exp.methods import LQF
-from lqf_exp.pipeline import build, build_module
 from lqf_exp.precond import KFACOperator
 from lqf_exp.precond.operator import operator_options
 from lqf_exp.results import FINAL_CHECKPOINT, read_metrics
