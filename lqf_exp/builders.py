@@ -49,6 +49,7 @@ def run_factors(cfg: DictConfig) -> dict[str, Any]:
         "precond": cfg.precond.name,
         "method": get_class(cfg.method._target_).method_name,
         "linearize": cfg.method.get("linearize"),
+        "bn": cfg.method.get("bn"),  # fine-tuning: BatchNorm statistics updated (train) or frozen (eval)
         "data": cfg.data.name,
         "shots": cfg.data.get("shots"),
         **_training_settings(cfg),
