@@ -5,17 +5,23 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
+import types
 from pathlib import Path
 
 import pytest
 import torch
 from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
 
 from lqf_exp.config import compose_config
 from lqf_exp.influence import exact_influence, load_finished_run
 from lqf_exp.influence.__main__ import main
+from lqf_exp.influence.compute import compute_influence
+from lqf_exp.influence.outputs import write_outputs
 from lqf_exp.influence.summarize import summarize
 from lqf_exp.pipeline import run
+from lqf_exp.tracking import stable_run_id
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 RUN = ["model.weights=null", "data.shots=2", "logger=none", "trainer.accelerator=cpu",
@@ -96,3 +102,34 @@ def test_summarization_drops_by_informativeness_and_plots(run_dir: Path) -> None
     assert "| 50% |" in (out / "summarize.md").read_text()
     kept = json.loads((out / "most-0.5" / "seed0" / "metrics.json").read_text())
     assert kept["data"]["train_size"] == 10 and kept["data"]["dropped"] == "drop-most-0.5.txt"
+
+
+def test_influence_goes_to_the_runs_own_wandb_run(run_dir: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: dict = {"log": {}, "summary": {}}
+
+    class FakeRun:
+        summary = calls["summary"]
+
+        def log(self, payload: dict) -> None:
+            calls["log"].update(payload)
+
+        def finish(self) -> None:
+            calls["finished"] = True
+
+    def init(**kwargs: object) -> FakeRun:
+        calls["init"] = kwargs
+        return FakeRun()
+
+    fake = types.SimpleNamespace(init=init, Table=lambda columns, data: ("table", columns, len(data)),
+                                 Image=lambda path: ("image", path))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    finished = load_finished_run(run_dir)
+    finished.cfg.logger = OmegaConf.create({"wandb": {"project": "lqf_exp", "group": "g", "name": "n", "id": None,
+                                                      "offline": True}})
+    summary = write_outputs(finished, compute_influence(finished, "kfac"), tmp_path)
+    assert summary["wandb"] and calls["finished"]
+    assert calls["init"]["id"] == stable_run_id(str(finished.cfg.paths.output_dir))
+    assert calls["init"]["resume"] == "allow" and calls["init"]["mode"] == "offline"
+    table = calls["log"]["influence/table"]
+    assert table[2] == 20 and "fsi" in table[1] and calls["log"]["influence/gallery"][1].endswith("gallery.png")
