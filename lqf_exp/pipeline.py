@@ -9,14 +9,15 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from hydra.errors import InstantiationException
-from hydra.utils import get_class, instantiate
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
+from lqf_exp.builders import build, build_module, run_factors
 from lqf_exp.data import ClassificationDataModule
 from lqf_exp.methods import ClassifierModule
 from lqf_exp.models import save_network_checkpoint
+from lqf_exp.online import run_online
 from lqf_exp.results import (
     FINAL_CHECKPOINT,
     METRICS_FILE,
@@ -34,61 +35,6 @@ log = logging.getLogger(__name__)
 SOURCE_CHECKPOINT = "source_model.pt"
 
 
-def _training_settings(cfg: DictConfig) -> dict[str, Any]:
-    """How the method trains: its solver (LQF) or its optimizer (the others), as report factors."""
-    if "solver" in cfg.method:
-        solver = cfg.method.solver
-        return {
-            "solver": OmegaConf.select(cfg, "hydra.runtime.choices.solver", default=None)
-            or get_class(solver._target_).name,
-            "lr": solver.get("lr"),
-            "momentum": solver.get("momentum") if "lr" in solver else None,
-            "weight_decay": cfg.method.get("weight_decay"),
-        }
-    optimizer = cfg.method.get("optimizer") or {}
-    return {
-        "solver": None,
-        "lr": optimizer.get("lr"),
-        "momentum": optimizer.get("momentum", 0.0),
-        "weight_decay": optimizer.get("weight_decay", 0.0),
-    }
-
-
-def run_factors(cfg: DictConfig) -> dict[str, Any]:
-    """The factors people compare runs by; they go into ``metrics.json``, the W&B config and sweep reports."""
-    return {
-        "task": cfg.task.name,
-        "recipe": cfg.get("recipe"),
-        "model": cfg.model.arch,
-        "weights": cfg.model.get("weights"),
-        "pooling": cfg.model.get("pooling", "avg"),
-        "activation": cfg.activation.name,
-        "loss": get_class(cfg.loss._target_).kind,
-        "precond": cfg.precond.name,
-        "method": get_class(cfg.method._target_).method_name,
-        "linearize": cfg.method.get("linearize"),
-        "data": cfg.data.name,
-        "shots": cfg.data.get("shots"),
-        **_training_settings(cfg),
-        "batch_size": cfg.data.batch_size,
-        "seed": cfg.seed,
-    }
-
-
-def build(node: DictConfig, **kwargs: Any) -> Any:
-    """``hydra.utils.instantiate``, but a bad value surfaces as the constructor's own error (which names the value
-    and what would be valid) instead of Hydra's wrapper around it."""
-    try:
-        return instantiate(node, **kwargs)
-    except InstantiationException as error:
-        cause: BaseException | None = error
-        while isinstance(cause, InstantiationException):  # nested nodes (a method's solver) wrap twice
-            cause = cause.__cause__
-        if isinstance(cause, ValueError | FileNotFoundError | RuntimeError):
-            raise cause from None
-        raise
-
-
 def _last_checkpoint(output_dir: Path) -> str | None:
     """``checkpoints/last.ckpt`` if it loads; one cut short by a kill is set aside (``last.ckpt.corrupt``) and the
     run starts over rather than failing."""
@@ -103,18 +49,6 @@ def _last_checkpoint(output_dir: Path) -> str | None:
         log.warning("%s cannot be loaded (%s); it was moved to %s and the run starts over", last, error, aside)
         return None
     return str(last)
-
-
-def build_module(cfg: DictConfig, datamodule: ClassificationDataModule) -> ClassifierModule:
-    # Seeded here so that a randomly initialized w0 (and head) is a function of the seed, hence rebuildable.
-    torch.manual_seed(cfg.seed)
-    net = build(cfg.model, activation=OmegaConf.to_container(cfg.activation), num_classes=datamodule.num_classes)
-    loss_fn = instantiate(cfg.loss)
-    # The method's config names what it trains with (solver and stopping rule, or optimizer and schedule).
-    return build(
-        cfg.method, net=net, loss_fn=loss_fn, num_classes=datamodule.num_classes, hparams=run_factors(cfg),
-        _convert_="all",
-    )
 
 
 def _final_metrics(fit_metrics: dict[str, Any], test_metrics: dict[str, Any]) -> dict[str, float]:
@@ -145,6 +79,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     loggers = build_loggers(cfg, str(output_dir))
     with finishing_wandb(loggers):
         try:
+            if cfg.task.name == "online":
+                return run_online(cfg, output_dir, factors, loggers)
             return _train_and_test(cfg, output_dir, factors, resolved, loggers)
         except DivergenceError:
             raise  # recorded as a result in metrics.json, not as an error

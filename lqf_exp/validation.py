@@ -68,7 +68,8 @@ RULES: tuple[Rule, ...] = (
         "one of probe, random (a zero head would make the backbone's Jacobian zero, so only the head would learn)",
     ),
     Rule("method.bn_affine", lambda v: v in ("freeze", "linearize"), "one of freeze, linearize"),
-    Rule("task.name", lambda v: v in ("finetune", "pretrain"), "one of finetune, pretrain"),
+    Rule("task.name", lambda v: v in ("finetune", "pretrain", "online"), "one of finetune, pretrain, online"),
+    Rule("task.steps", lambda v: v is None or (isinstance(v, int) and v >= 1), "an integer >= 1 (task=online)"),
 )
 
 _MISSING = object()

@@ -27,6 +27,7 @@ from lqf_exp.data import (
     read_idx,
     stratified_split,
 )
+from lqf_exp.data.base import kept_indices
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "data"
 FMNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
@@ -357,3 +358,26 @@ def test_data_config_instantiates(yaml: str, tmp_path: Path) -> None:
     if yaml == "digits.yaml":
         dm.setup()
         assert dm.describe()["num_classes"] == 10
+
+
+@pytest.mark.parametrize(("content", "message"), [("0\n3\n99\n", "outside the training set"), ("1\n1\n", "twice"),
+                                                  ("a\n", "one integer index per line"),
+                                                  ("0\n1\n2\n3\n4\n", "drops all 5")])
+def test_drop_file_errors_name_the_problem(tmp_path: Path, content: str, message: str) -> None:
+    path = tmp_path / "drop.txt"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=message):
+        kept_indices(path, 5)
+
+
+def test_drop_file_leaves_out_exactly_its_indices(tmp_path: Path) -> None:
+    (tmp_path / "drop.txt").write_text("4\n0\n")
+    assert kept_indices(tmp_path / "drop.txt", 6) == [1, 2, 3, 5]
+    dm = DigitsDataModule(drop=str(tmp_path / "drop.txt"), shots=1)
+    dm.setup("fit")
+    full = DigitsDataModule(shots=1)
+    full.setup("fit")
+    assert len(dm.train_dataset) == 8 and dm.describe()["dropped"] == "drop.txt"
+    assert torch.equal(dm.train_dataset[0][0], full.train_dataset[1][0])
+    with pytest.raises(FileNotFoundError, match="data.drop"):
+        DigitsDataModule(drop=str(tmp_path / "missing.txt"))

@@ -126,3 +126,13 @@ def test_a_diverging_solve_stops_and_is_recorded_as_such(make_cfg, tmp_path: Pat
     record = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert record["status"] == "diverged" and "'solver': 'sgd'" in record["error"]
     assert record["metrics"] == {} and not (tmp_path / "run" / "error.json").exists()
+
+
+def test_one_shot_chooses_penalties_on_validation_not_leave_one_out(make_cfg, tmp_path) -> None:  # noqa: ANN001
+    """With one sample per class, leaving it out leaves its class unseen and leave-one-out prefers the largest
+    penalty; the head's l2 and λ are then chosen on the validation loss."""
+    metrics = run(make_cfg(["data.shots=1", "logger=none", "trainer.accelerator=cpu",
+                            "callbacks.progress_bar.refresh_rate=0"], tmp_path))
+    selection = metrics["solver"]["weight_decay_selection"]
+    assert selection["method"] == "validation path" and "too few to leave one out" in selection["why"]
+    assert metrics["solver"]["head_l2"] is not None

@@ -286,6 +286,19 @@ def test_lowshot_values(tmp_path: Path) -> None:
     assert_png(path.parent / "lowshot.png")
 
 
+def test_batchnorm_modes_are_separate_methods(tmp_path: Path) -> None:
+    """bn=train and bn=eval fine-tuning at the same lr are two methods, not two seeds of one grid point."""
+    for bn, errs in (("train", (10.0, 12.0)), ("eval", (30.0, 32.0))):
+        for seed, err in enumerate(errs):
+            write_cell(tmp_path, f"ft-{bn}-s{seed}", err, method="finetune", recipe="nlft", bn=bn, seed=seed)
+    write_cell(tmp_path, "lqf-s0", 8.0)
+    path = write_report(tmp_path)
+    table = md_table(path.read_text(), "Table 1: test error")
+    header = next(line for line in path.read_text().splitlines() if line.startswith("| data set"))
+    assert "nlft (bn=eval)" in header and "nlft (bn=train)" in header
+    assert table[0][1:] == ["31.00 ± 1.41 (n=2)", "11.00 ± 1.41 (n=2)", "**8.00 ± 0.00 (n=1)**"]
+
+
 def test_steps_per_cell_in_tables_and_csv(tmp_path: Path) -> None:
     for shots in (5, 10):
         for seed, steps in enumerate((300, 500, 1000)):

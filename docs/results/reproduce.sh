@@ -9,6 +9,8 @@
 #                plus the solved methods {lqf, lqf_fc, gaf, probe}
 #   robustness   {lqf_sgd, nlft} x lr x batch size (Fig. 1 right): the paper's full grid on fmnist_target,
 #                lr {0.05, 0.01, 0.001, 1e-4} x batch {16, 64} on digits (the full grid there alone takes ~1 h)
+#   reference    NLFT with BatchNorm frozen at the reference table's low-shot columns, lr {0.01, 0.001} by val
+#                (the other rows of that table come from lowshot and table1): docs/results/reference_table.md
 # Cuts made to fit 90 minutes on 2 cores are the grids above (the sweep files keep the paper's full grids for a
 # cluster). CSV logging keeps it fast; drop logger=csv to track the cells in W&B (offline) as well.
 #   bash docs/results/reproduce.sh [output dir]
@@ -34,7 +36,13 @@ python run.py -m +sweep=robustness data=fashion_mnist_target $common hydra.sweep
 python run.py -m +sweep=robustness data=digits +lr=0.05,0.01,0.001,0.0001 data.batch_size=16,64 $common \
   hydra.sweep.dir=$out/robustness "$per_data"
 lap robustness
+python run.py -m experiment=nlft method.bn=eval optim.lr=0.01,0.001 data=digits data.shots=5,50 seed=0,1,2 $common \
+  hydra.sweep.dir=$out/reference "$per_data"
+python run.py -m experiment=nlft method.bn=eval optim.lr=0.01,0.001 data=fashion_mnist_target data.shots=5,10 \
+  seed=0,1,2 $common hydra.sweep.dir=$out/reference "$per_data"
+lap reference
 for sweep in table1 lowshot ablation robustness; do
   python -m lqf_exp.report $out/$sweep --out docs/results/$sweep
 done
+python docs/results/reference_table.py $out > docs/results/reference_table.md
 echo "reproduction took $(( $(date +%s) - start )) s"

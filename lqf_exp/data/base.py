@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -76,6 +77,24 @@ class TensorImageDataset(Dataset):
         return (image - self.mean) / self.std, int(self.labels[index])
 
 
+def kept_indices(drop_file: Path, size: int) -> list[int]:
+    """The training-set positions not listed in ``drop_file`` (one integer per line), in order; a clear error for
+    a malformed, out-of-range or duplicated entry, or a file that drops everything."""
+    try:
+        dropped = [int(line) for line in drop_file.read_text().split()]
+    except ValueError as error:
+        raise ValueError(f"data.drop={str(drop_file)!r}: expected one integer index per line ({error})") from None
+    bad = [i for i in dropped if not 0 <= i < size]
+    if bad:
+        raise ValueError(f"data.drop={str(drop_file)!r}: indices {bad[:5]} outside the training set [0, {size})")
+    if len(set(dropped)) != len(dropped):
+        raise ValueError(f"data.drop={str(drop_file)!r}: an index is listed twice")
+    if len(dropped) >= size:
+        raise ValueError(f"data.drop={str(drop_file)!r} drops all {size} training samples")
+    gone = set(dropped)
+    return [i for i in range(size) if i not in gone]
+
+
 class ClassificationDataModule(pl.LightningDataModule):
     """Image classification data with train / val / test splits and an optional k-shot train subset.
 
@@ -97,6 +116,7 @@ class ClassificationDataModule(pl.LightningDataModule):
         val_fraction: float = 0.1,
         shuffle_seed: int | None = None,
         pin_memory: bool | None = None,
+        drop: str | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
@@ -115,6 +135,9 @@ class ClassificationDataModule(pl.LightningDataModule):
         self.val_fraction = float(val_fraction)
         self.shuffle_seed = int(shuffle_seed) if shuffle_seed is not None else self.shots_seed
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
+        self.drop = None if drop is None else Path(drop)
+        if self.drop is not None and not self.drop.is_file():
+            raise FileNotFoundError(f"data.drop={drop!r}: no such file (one training-set index per line)")
         self._splits: Splits | None = None
         self._train: Dataset | None = None
 
@@ -138,6 +161,8 @@ class ClassificationDataModule(pl.LightningDataModule):
                 class_names=splits.class_names,
             )
             train = Subset(splits.train, idx.tolist())
+        if self.drop is not None:
+            train = Subset(train, kept_indices(self.drop, len(train)))  # type: ignore[arg-type]
         self._train = train
         self._splits = splits
 
@@ -196,6 +221,7 @@ class ClassificationDataModule(pl.LightningDataModule):
             "shots": self.shots,
             "shots_seed": self.shots_seed,
             "split_seed": self.split_seed,
+            "dropped": None if self.drop is None else self.drop.name,
             "train_size": len(self.train_dataset),  # type: ignore[arg-type]
             "val_size": len(self.val_dataset),  # type: ignore[arg-type]
             "test_size": len(self.test_dataset),  # type: ignore[arg-type]

@@ -2,6 +2,7 @@
 
 from lqf_exp.influence.core import Influence, exact_influence, preconditioned_influence
 from lqf_exp.influence.operators import jacobian_chunks, kfac_rows, stack_jacobians
+from lqf_exp.influence.run_dir import FinishedRun, load_finished_run
 
-__all__ = ["Influence", "exact_influence", "jacobian_chunks", "kfac_rows", "preconditioned_influence",
-           "stack_jacobians"]
+__all__ = ["FinishedRun", "Influence", "exact_influence", "jacobian_chunks", "kfac_rows", "load_finished_run",
+           "preconditioned_influence", "stack_jacobians"]

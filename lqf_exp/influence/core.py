@@ -27,7 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["Influence", "exact_influence", "preconditioned_influence"]
+__all__ = ["Influence", "LeaveOneOut", "exact_influence", "exact_leave_one_out", "preconditioned_influence",
+           "preconditioned_leave_one_out"]
 
 RowOperator = Callable[[Tensor], Tensor]  # [K, P] rows -> [K, P] rows
 
@@ -64,68 +65,98 @@ class Influence:
         return self.leverage.diagonal(dim1=1, dim2=2).sum(dim=1)
 
 
+@dataclass
+class LeaveOneOut:
+    """For each of N training samples, the move of the optimum when it is left out (paper eq. 7 with its ``e_i``).
+
+    Attributes:
+        directions: ``[N, P]``, ``δ* − δ*₋ᵢ = A⁻¹J_iᵀẽ_i`` (float64).
+        leverage, residual, loo_residual: as in :class:`Influence`.
+    """
+
+    directions: Tensor
+    leverage: Tensor
+    residual: Tensor
+    loo_residual: Tensor
+
+    def change(self, eval_jacobian: Tensor) -> Tensor:
+        """``[N, M, C]``: ``J_x(δ* − δ*₋ᵢ)`` for the M inputs of ``eval_jacobian`` (``[M, C, P]``)."""
+        M, C, _ = eval_jacobian.shape
+        flat = _flat(eval_jacobian).to(self.directions.dtype) @ self.directions.T  # [MC, N]
+        return flat.view(M, C, -1).permute(2, 0, 1).contiguous()
+
+    def influence(self, eval_jacobian: Tensor) -> Influence:
+        return Influence(self.change(eval_jacobian), self.leverage, self.residual, self.loo_residual)
+
+
 def _flat(jacobian: Tensor) -> Tensor:
     return jacobian.reshape(-1, jacobian.shape[-1])
 
 
-def exact_influence(train_jacobian: Tensor, residual: Tensor, eval_jacobian: Tensor, weight_decay: float,
-                    gram_dtype: torch.dtype = torch.float64) -> Influence:
-    """Exact influence through the dual system.
+def exact_leave_one_out(train_jacobian: Tensor, residual: Tensor, weight_decay: float,
+                        gram_dtype: torch.dtype = torch.float64) -> LeaveOneOut:
+    """Exact leave-one-out through the dual system.
 
     Args:
         train_jacobian: ``[N, C, P]`` Jacobians of the training samples at w0.
         residual: ``[N, C]`` prediction errors ``e`` of the training samples at the run's δ.
-        eval_jacobian: ``[M, C, P]`` Jacobians of the evaluation inputs.
         weight_decay: λ of the objective (> 0).
-        gram_dtype: dtype of the two Gram products ``JJᵀ`` and ``J_xJᵀ`` (float32 halves their cost on large
-            problems); the solves are always float64.
+        gram_dtype: dtype of the Gram product ``JJᵀ`` (float32 halves its cost on large problems); the solve and
+            the directions are float64.
     """
     N, C, _ = train_jacobian.shape
     mu = N * float(weight_decay) / 2
     if mu <= 0:
         raise ValueError(f"influence needs weight_decay > 0, got {weight_decay!r}")
-    rows, eval_rows = _flat(train_jacobian).to(gram_dtype), _flat(eval_jacobian).to(gram_dtype)
-    kernel = (rows @ rows.T).double()
-    cross = (eval_rows @ rows.T).double()
+    rows = _flat(train_jacobian)
+    kernel = (rows.to(gram_dtype) @ rows.to(gram_dtype).T).double()
     kernel.diagonal().add_(mu)
     inverse = torch.cholesky_inverse(torch.linalg.cholesky(kernel))  # (K + μI)⁻¹
     del kernel
     blocks = inverse.view(N, C, N, C).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # [(K + μI)⁻¹]_ii
-    eye = torch.eye(C, dtype=torch.float64)
-    leverage = eye - mu * blocks  # S = K(K + μI)⁻¹ = I − μ(K + μI)⁻¹
+    leverage = torch.eye(C, dtype=torch.float64) - mu * blocks  # S = K(K + μI)⁻¹ = I − μ(K + μI)⁻¹
     e = residual.double()
     loo = torch.linalg.solve(mu * blocks, e[..., None])[..., 0]
-    # J_x A⁻¹ J_iᵀ ẽ_i = J_x Jᵀ (K + μI)⁻¹ [:, rows of i] ẽ_i
-    weights = torch.einsum("rnc,nc->rn", inverse.view(N * C, N, C), loo)
-    change = (cross @ weights).view(-1, C, N).permute(2, 0, 1)
-    return Influence(change.contiguous(), leverage, e, loo)
+    # A⁻¹J_iᵀẽ_i = Jᵀ(K + μI)⁻¹[:, rows of i] ẽ_i
+    weights = torch.einsum("rnc,nc->nr", inverse.view(N * C, N, C), loo)  # [N, NC]
+    del inverse
+    directions = (weights.to(rows.dtype) @ rows).double() if rows.dtype != torch.float64 else weights @ rows
+    return LeaveOneOut(directions, leverage, e, loo)
 
 
-def preconditioned_influence(train_chunks: Iterable[tuple[Tensor, Tensor]], num_train: int, eval_jacobian: Tensor,
-                             hessian_inverse: RowOperator) -> Influence:
-    """Influence with ``A⁻¹ ≈ (2/N)·hessian_inverse``, one chunk of training samples at a time.
+def preconditioned_leave_one_out(train_chunks: Iterable[tuple[Tensor, Tensor]], num_train: int,
+                                 hessian_inverse: RowOperator) -> LeaveOneOut:
+    """Leave-one-out with ``A⁻¹ ≈ (2/N)·hessian_inverse``, one chunk of training samples at a time.
 
     Args:
         train_chunks: ``(J [B, C, P], e [B, C])`` for consecutive chunks of the N training samples.
         num_train: N (the objective's mean is over all of them).
-        eval_jacobian: ``[M, C, P]`` Jacobians of the evaluation inputs.
         hessian_inverse: maps rows ``[K, P]`` to ``H⁻¹`` applied to each row (K-FAC: the run's preconditioner).
     """
     scale = 2.0 / num_train
-    eval_rows = _flat(eval_jacobian)
-    changes, leverages, residuals, loos = [], [], [], []
+    directions, leverages, residuals, loos = [], [], [], []
     for jacobian, residual in train_chunks:
         B, C, P = jacobian.shape
         solved = hessian_inverse(jacobian.reshape(B * C, P)).reshape(B, C, P)  # H⁻¹J_iᵀ, column by column
         leverage = scale * torch.einsum("bcp,bdp->bcd", jacobian.to(solved), solved).double()
         e = residual.double()
         loo = torch.linalg.solve(torch.eye(C, dtype=torch.float64) - leverage, e[..., None])[..., 0]
-        direction = scale * torch.einsum("bcp,bc->bp", solved, loo.to(solved))  # A⁻¹J_iᵀẽ_i
-        change = (eval_rows.to(direction) @ direction.T).double()  # [MC, B]
-        changes.append(change.view(-1, C, B).permute(2, 0, 1))
+        directions.append(scale * torch.einsum("bcp,bc->bp", solved.double(), loo))  # A⁻¹J_iᵀẽ_i
         leverages.append(leverage)
         residuals.append(e)
         loos.append(loo)
-    if not changes:
-        raise ValueError("preconditioned_influence got no training samples")
-    return Influence(torch.cat(changes).contiguous(), torch.cat(leverages), torch.cat(residuals), torch.cat(loos))
+    if not directions:
+        raise ValueError("preconditioned_leave_one_out got no training samples")
+    return LeaveOneOut(torch.cat(directions), torch.cat(leverages), torch.cat(residuals), torch.cat(loos))
+
+
+def exact_influence(train_jacobian: Tensor, residual: Tensor, eval_jacobian: Tensor, weight_decay: float,
+                    gram_dtype: torch.dtype = torch.float64) -> Influence:
+    """:func:`exact_leave_one_out`, applied to the inputs of ``eval_jacobian`` (``[M, C, P]``)."""
+    return exact_leave_one_out(train_jacobian, residual, weight_decay, gram_dtype).influence(eval_jacobian)
+
+
+def preconditioned_influence(train_chunks: Iterable[tuple[Tensor, Tensor]], num_train: int, eval_jacobian: Tensor,
+                             hessian_inverse: RowOperator) -> Influence:
+    """:func:`preconditioned_leave_one_out`, applied to the inputs of ``eval_jacobian`` (``[M, C, P]``)."""
+    return preconditioned_leave_one_out(train_chunks, num_train, hessian_inverse).influence(eval_jacobian)

@@ -10,6 +10,7 @@ the solver's whole state and what rebuilds the rest of w0 (the model config), no
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -17,16 +18,18 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
 from lqf_exp.curvature import CurvatureTargets, Preconditioner
-from lqf_exp.head_init import check_head_init_kind, init_head
+from lqf_exp.head_init import check_head_init_kind, fit_validated_head, init_head
 from lqf_exp.linearize import LinearizedNetwork
 from lqf_exp.losses import ClassificationLoss
 from lqf_exp.methods.base import ClassifierModule
-from lqf_exp.methods.lqf_setup import choose_weight_decay, parse_weight_decay
+from lqf_exp.methods.lqf_setup import choose_weight_decay, leave_one_out_refusal, parse_weight_decay
 from lqf_exp.solvers import Evaluation, LQFObjective, SolveController, Solver, StoppingRule, WeightDecaySelection
 
 # The run factors that rebuild w0; a checkpoint linearized around another w0 is refused.
 W0_SOURCE_KEYS = ("model", "weights", "pooling", "activation")
 
+
+log = logging.getLogger(__name__)
 
 class _SolverSteps(torch.optim.Optimizer):
     """Lets Lightning count and hook the solver's steps (``global_step``, checkpoint cadence); the solver's state
@@ -153,8 +156,16 @@ class LQF(ClassifierModule):
         device = self.trainer.strategy.root_device if self._trainer is not None else None
         base = self.linearized.base_network
         original_device = next(base.parameters()).device
-        fit = init_head(base.to(device or original_device), loader, kind=self.head_init, loss=self.loss_fn,
-                        l2=self.head_init_l2)
+        base = base.to(device or original_device)
+        refusal = None
+        if self.head_init == "probe" and self.head_init_l2 is None and self._trainer is not None:
+            refusal = leave_one_out_refusal(self)
+        if refusal is not None:  # the head's l2 on the validation loss instead, as method=probe chooses it
+            log.info("head_init_l2=auto: validation loss instead of leave-one-out (%s)", refusal)
+            val = self.eval_loader(self.trainer.datamodule.val_dataset)
+            fit = fit_validated_head(base, loader, val, self.loss_fn, device=device).fit
+        else:
+            fit = init_head(base, loader, kind=self.head_init, loss=self.loss_fn, l2=self.head_init_l2)
         base.to(original_device)
         # The head's smoother joins the leave-one-out of λ only if it saw exactly the training set.
         self.head_smoother = fit.smoother if fit is not None and self.head_init_batches is None else None

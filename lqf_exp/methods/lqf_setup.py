@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["build_dual_system", "choose_weight_decay", "parse_weight_decay"]
+__all__ = ["build_dual_system", "choose_weight_decay", "leave_one_out_refusal", "parse_weight_decay"]
 
 
 def parse_weight_decay(value: Any, key: str) -> float | None:
@@ -40,8 +40,22 @@ def build_dual_system(module: LQF) -> tuple[DualSystem, torch.Tensor]:
     return DualSystem(torch.cat(jacobians), torch.cat(residuals)), torch.cat(targets)
 
 
+def leave_one_out_refusal(module: LQF) -> str | None:
+    """Why leave-one-out cannot choose a penalty on this training set (a class with a single sample: leaving it out
+    leaves the class unseen, so every penalty looks alike and the largest wins), or None. Checked in the few-shot
+    regime only (at most 50 samples per class on average), where it can happen."""
+    data = module.train_data()
+    if len(data) > 50 * module.num_classes:
+        return None
+    counts = torch.bincount(torch.tensor([int(data[i][1]) for i in range(len(data))]), minlength=module.num_classes)
+    fewest = int(counts.min())
+    return None if fewest >= 2 else f"a class has {fewest} training sample(s), too few to leave one out"
+
+
 def _kernel_refusal(module: LQF) -> str | None:
     """Why the dual system cannot serve the λ choice, or None when it can."""
+    if (reason := leave_one_out_refusal(module)) is not None:
+        return reason
     if not module.loss_fn.constant_curvature:
         return f"loss={module.loss_fn.kind} is not quadratic"
     if module.trainer.world_size > 1:

@@ -14,7 +14,7 @@ METRICS_FILE = "metrics.json"
 ERROR_FILE = "error.json"
 CONFIG_FILES = ("config_resolved.yaml", ".hydra/config.yaml")
 FACTOR_KEYS = (
-    "task", "recipe", "model", "weights", "pooling", "activation", "loss", "precond", "method", "linearize",
+    "task", "recipe", "model", "weights", "pooling", "activation", "loss", "precond", "method", "linearize", "bn",
     "data", "shots", "solver", "lr", "momentum", "weight_decay", "batch_size", "seed",
 )  # fmt: skip
 # Directories that never hold a cell but can be large (checkpoints, W&B's local files).
@@ -138,11 +138,14 @@ def _read_cell(cell_dir: Path, sweep_dir: Path) -> Cell | None:
     payload = _read_json(metrics_path) if metrics_path.is_file() else None
     # A finished metrics.json wins over an error.json left by an earlier, failed attempt of the same cell.
     if payload is not None and payload.get("status") == "finished":
+        factors = dict(payload.get("factors") or {})
+        # Runs made before `bn` was a factor record it with their head.
+        factors.setdefault("bn", (payload.get("head") or {}).get("bn"))
         return Cell(
             path=cell_dir,
             name=name,
             status="finished",
-            factors=dict(payload.get("factors") or {}),
+            factors=factors,
             metrics={k: float(v) for k, v in (payload.get("metrics") or {}).items() if isinstance(v, (int, float))},
             epochs=payload.get("epochs"),
             steps=payload.get("steps"),
