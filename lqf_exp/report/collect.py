@@ -111,6 +111,7 @@ def factors_from_config(cell_dir: Path) -> dict[str, Any]:
         "model": _lookup(cfg, "model.arch"),
         "weights": _lookup(cfg, "model.weights"),
         "pooling": _lookup(cfg, "model.pooling") or "avg",
+        "bn": _lookup(cfg, "method.bn"),
         "activation": _lookup(cfg, "activation.name"),
         "loss": loss,
         "precond": _lookup(cfg, "precond.name"),
@@ -129,6 +130,13 @@ def factors_from_config(cell_dir: Path) -> dict[str, Any]:
     }
 
 
+def _with_bn(factors: dict[str, Any], cell_dir: Path) -> dict[str, Any]:
+    """Runs made before ``bn`` was a factor: take it from the cell's config."""
+    if "bn" not in factors:
+        factors["bn"] = factors_from_config(cell_dir).get("bn")
+    return factors
+
+
 def _read_cell(cell_dir: Path, sweep_dir: Path) -> Cell | None:
     name = cell_dir.relative_to(sweep_dir).as_posix() or "."
     has_config = any((cell_dir / c).is_file() for c in CONFIG_FILES)
@@ -138,9 +146,7 @@ def _read_cell(cell_dir: Path, sweep_dir: Path) -> Cell | None:
     payload = _read_json(metrics_path) if metrics_path.is_file() else None
     # A finished metrics.json wins over an error.json left by an earlier, failed attempt of the same cell.
     if payload is not None and payload.get("status") == "finished":
-        factors = dict(payload.get("factors") or {})
-        # Runs made before `bn` was a factor record it with their head.
-        factors.setdefault("bn", (payload.get("head") or {}).get("bn"))
+        factors = _with_bn(dict(payload.get("factors") or {}), cell_dir)
         return Cell(
             path=cell_dir,
             name=name,
@@ -152,12 +158,12 @@ def _read_cell(cell_dir: Path, sweep_dir: Path) -> Cell | None:
             duration_s=payload.get("duration_s"),
         )
     if payload is not None and payload.get("status") == "diverged":
-        factors = dict(payload.get("factors") or {})
+        factors = _with_bn(dict(payload.get("factors") or {}), cell_dir)
         return Cell(cell_dir, name, "diverged", factors, error=str(payload.get("error") or "diverged"),
                     epochs=payload.get("epochs"), steps=payload.get("steps"), duration_s=payload.get("duration_s"))
     failure = _read_json(error_path) if error_path.is_file() else None
     if failure is not None:
-        factors = dict(failure.get("factors") or {}) or factors_from_config(cell_dir)
+        factors = _with_bn(dict(failure.get("factors") or {}) or factors_from_config(cell_dir), cell_dir)
         return Cell(cell_dir, name, "failed", factors, error=str(failure.get("error") or "unknown error"))
     if metrics_path.is_file() or error_path.is_file():
         note = "unreadable or unfinished " + (METRICS_FILE if metrics_path.is_file() else ERROR_FILE)

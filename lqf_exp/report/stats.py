@@ -193,8 +193,9 @@ def sort_labels(labels: Iterable[str]) -> list[str]:
 
 
 def nlft_label(labels: Iterable[str]) -> str | None:
-    """Non-linear fine-tuning: recipe ``nlft`` if the sweep has it, else method ``finetune``."""
-    ordered = sort_labels(labels)
+    """Non-linear fine-tuning: recipe ``nlft`` if the sweep has it, else method ``finetune`` (BatchNorm in train
+    mode, what users do, where both modes are present)."""
+    ordered = sorted(sort_labels(labels), key=lambda label: "bn=eval" in label)
     for base in ("nlft", "finetune"):
         for label in ordered:
             if label_base(label) == base:
