@@ -21,14 +21,13 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from omegaconf import DictConfig
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from lqf_exp.builders import build, build_module
 from lqf_exp.data import ClassificationDataModule
 from lqf_exp.methods import LQF, ClassifierModule
+from lqf_exp.report.plots import curve_plot
 from lqf_exp.results import METRICS_FILE, atomic_write_json
 from lqf_exp.tracking import instantiate_collection
 
@@ -91,18 +90,8 @@ def _warm_start(new: ClassifierModule, previous: ClassifierModule) -> None:
 
 
 def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
-    fig = Figure(figsize=(5.0, 3.6))
-    ax = fig.add_subplot(1, 1, 1)
-    for mode in MODES:
-        points = [(r["samples"], r["test_err"]) for r in rows if r["mode"] == mode]
-        ax.plot(*zip(*points, strict=True), marker="o", label=mode)
-    ax.set_xlabel("training samples seen")
-    ax.set_ylabel("test error (%)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    curves = {mode: [(r["samples"], r["test_err"], 0.0) for r in rows if r["mode"] == mode] for mode in MODES}
+    curve_plot(path, curves, title, "training samples seen", "test error (%)")
 
 
 def _write(out: Path, rows: list[dict[str, Any]], title: str) -> None:

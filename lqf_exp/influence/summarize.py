@@ -22,13 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from lqf_exp.config import compose_config
 from lqf_exp.influence.outputs import CSV_FILE
 from lqf_exp.influence.run_dir import load_finished_run
 from lqf_exp.pipeline import run
+from lqf_exp.report.plots import curve_plot
 from lqf_exp.results import read_metrics
 
 log = logging.getLogger(__name__)
@@ -67,22 +66,14 @@ def _drop_file(out: Path, order: str, fraction: float, fsi: list[float]) -> Path
 
 
 def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
-    fig = Figure(figsize=(5.0, 3.6))
-    ax = fig.add_subplot(1, 1, 1)
+    curves = {}
     for order in ORDERS:
         fractions = sorted({r["fraction"] for r in rows if r["order"] == order})
         errs = [[r["test_err"] for r in rows if r["order"] == order and r["fraction"] == f] for f in fractions]
-        means = [statistics.fmean(e) for e in errs]
-        spreads = [statistics.stdev(e) if len(e) > 1 else 0.0 for e in errs]
-        ax.errorbar([100 * f for f in fractions], means, yerr=spreads, marker="o", capsize=3,
-                    label=f"{order} informative dropped first")
-    ax.set_xlabel("training samples dropped (%)")
-    ax.set_ylabel("test error (%)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+        curves[f"{order} informative dropped first"] = [
+            (100 * f, statistics.fmean(e), statistics.stdev(e) if len(e) > 1 else 0.0)
+            for f, e in zip(fractions, errs, strict=True)]
+    curve_plot(path, curves, title, "training samples dropped (%)", "test error (%)")
 
 
 def _table(rows: list[dict[str, Any]]) -> str:

@@ -101,3 +101,22 @@ def lowshot_plot(
         ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     return _save(fig, path)
+
+
+def curve_plot(path: Path, curves: dict[str, list[tuple[float, float, float]]], title: str, xlabel: str,
+               ylabel: str) -> Path:
+    """One line per curve through its ``(x, y, y error)`` points (error bars where the error is not 0)."""
+    fig = Figure(figsize=(5.0, 3.6))
+    ax = fig.add_subplot(1, 1, 1)
+    for label, points in curves.items():
+        if points:
+            xs, ys, errs = zip(*sorted(points), strict=True)
+            ax.errorbar(xs, ys, yerr=errs if any(errs) else None, marker="o", capsize=3, label=label)
+    if not any(curves.values()):
+        _no_data(ax)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
