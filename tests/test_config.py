@@ -37,6 +37,14 @@ def test_option_composes_and_resolves(group: str, option: str, tmp_path: Path) -
     assert cfg.hydra.runtime.choices[group] == option
 
 
+@pytest.mark.parametrize("experiment", ["nlft", "lqf_sgd"])
+def test_every_robustness_cell_resolves(experiment: str, tmp_path: Path) -> None:
+    """The robustness sweep composes the SGD solver beside fine-tuning too: its interpolations must resolve."""
+    cfg = compose_config(["+sweep=robustness", f"experiment={experiment}", "+lr=0.01"], tmp_path)
+    resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    assert isinstance(resolved, dict) and resolved["solver"]["lr"] == 0.01
+
+
 def test_defaults_are_the_papers_lqf(tmp_path: Path) -> None:
     cfg = compose_config([], tmp_path)
     assert cfg.method._target_.endswith(".LQF") and cfg.loss._target_.endswith("ScaledMSELoss")
