@@ -15,8 +15,8 @@ from lqf_exp.results import ERROR_FILE, METRICS_FILE, atomic_write_json
 from .conftest import SMOKE
 
 FACTOR_KEYS = {
-    "task", "recipe", "model", "weights", "pooling", "activation", "loss", "precond", "method", "linearize", "data",
-    "shots", "solver", "lr", "momentum", "weight_decay", "batch_size", "seed",
+    "task", "recipe", "model", "weights", "pooling", "activation", "loss", "precond", "method", "linearize", "bn",
+    "data", "shots", "solver", "lr", "momentum", "weight_decay", "batch_size", "seed",
 }
 
 
