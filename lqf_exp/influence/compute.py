@@ -70,7 +70,7 @@ def compute_influence(run: FinishedRun, method: str = "kfac", chunk: int = 64, m
         else:
             parts = list(chunks)
             loos[name] = exact_leave_one_out(torch.cat([j for j, _ in parts]), torch.cat([e for _, e in parts]),
-                                             run.weight_decay, gram_dtype=torch.float32)
+                                             run.weight_decay, gram_dtype=torch.float64)
             del parts
         seconds[name] = time.perf_counter() - started
         log.info("%s leave-one-out of %d training samples: %.1f s", name, N, seconds[name])

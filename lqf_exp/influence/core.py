@@ -101,8 +101,9 @@ def exact_leave_one_out(train_jacobian: Tensor, residual: Tensor, weight_decay: 
         train_jacobian: ``[N, C, P]`` Jacobians of the training samples at w0.
         residual: ``[N, C]`` prediction errors ``e`` of the training samples at the run's δ.
         weight_decay: λ of the objective (> 0).
-        gram_dtype: dtype of the Gram product ``JJᵀ`` (float32 halves its cost on large problems); the solve and
-            the directions are float64.
+        gram_dtype: dtype of the Gram product ``JJᵀ``; the solve and the directions are float64. Keep float64 unless
+            μ = Nλ/2 is large against float32 rounding of K: on digits (λ = 1e-3) a float32 Gram is not positive
+            definite after adding μI.
     """
     N, C, _ = train_jacobian.shape
     mu = N * float(weight_decay) / 2
