@@ -1,4 +1,4 @@
-"""The pieces of a linearized network that influence needs, on batches: per-sample Jacobians in chunks, prediction
+"""The pieces of a linearized network that influence needs, on batches: per-sample Jacobians with the prediction
 errors, and the K-FAC inverse applied to many flat P-vectors at once."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from lqf_exp.precond import KFACOperator
 
 from .core import RowOperator
 
-__all__ = ["jacobian_chunks", "kfac_rows", "stack_jacobians"]
+__all__ = ["jacobian_chunks", "kfac_rows"]
 
 
 def jacobian_chunks(net: LinearizedNetwork, loss: ClassificationLoss, batches: Iterable[tuple[Tensor, Tensor]],
@@ -26,12 +26,6 @@ def jacobian_chunks(net: LinearizedNetwork, loss: ClassificationLoss, batches: I
             outputs = net(x)
             residual = loss.targets(y, outputs.shape[1], torch.float64) - outputs.double()
         yield net.jacobian(x).detach().to(dtype), residual
-
-
-def stack_jacobians(net: LinearizedNetwork, batches: Iterable[tuple[Tensor, Tensor]],
-                    dtype: torch.dtype = torch.float32) -> Tensor:
-    """All Jacobians ``[M, C, P]`` of ``batches`` (labels ignored)."""
-    return torch.cat([net.jacobian(x).detach().to(dtype) for x, _ in batches])
 
 
 def kfac_rows(operator: KFACOperator, net: LinearizedNetwork) -> RowOperator:
