@@ -8,7 +8,8 @@ with respect to δ (reverse-over-forward). ``benchmarks/README.md`` gives the co
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -16,9 +17,16 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["LinearizedNetwork", "zero_gradient_fraction"]
+from lqf_exp.prefix_cache import PrefixFeatureCache
+from lqf_exp.tangent import FusedTangent
+
+__all__ = ["TANGENT_PATHS", "LinearizedNetwork", "zero_gradient_fraction"]
 
 _BN_AFFINE = ("freeze", "linearize")
+# fused: primal and tangent stacked through per-module rules (lqf_exp.tangent); autodiff: forward-mode AD duals.
+TANGENT_PATHS = ("fused", "autodiff")
+# max |fused − autodiff| / max |autodiff| allowed on the first batch, by output dtype
+_CHECK_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
 
 
 def _delta_key(name: str) -> str:
@@ -41,6 +49,14 @@ class LinearizedNetwork(nn.Module):
             ``Conv2d``/``Linear`` layer, exactly the layers K-FAC preconditions (γ/β are few and the GaF
             forward pass LQF builds on folds BN into the convs anyway). ``"linearize"``: γ/β get δs too.
         head_name: attribute name of the final linear layer.
+        tangent: ``"fused"`` (default, ``lqf_exp.tangent``: primal and tangent stacked on the batch axis through
+            per-module rules, one convolution call for both streams, the same numbers as forward-mode AD to
+            round-off) or ``"autodiff"`` (PyTorch forward-mode AD, any differentiable module). The first fused
+            call is checked against forward-mode AD along a random direction, so a non-linearity the rules cannot
+            see (a functional ``F.gelu`` in some ``forward``) raises instead of giving a wrong tangent.
+        prefix_cache_gb: with ``linearize`` a block or ``"head"``, keep the frozen prefix's features of every input
+            seen, up to this many GB (:mod:`lqf_exp.prefix_cache`), so a later pass over the same images runs only
+            the linearized blocks; ``None`` (default): recompute them every time.
 
     BatchNorm always runs in eval mode with frozen running statistics (``train()`` is overridden), so
     ``f_lin`` is a fixed per-sample function that is exactly linear in δ. Only the δs (``self.deltas``) require
@@ -48,11 +64,16 @@ class LinearizedNetwork(nn.Module):
     """
 
     def __init__(
-        self, net: nn.Module, linearize: str = "all", bn_affine: str = "freeze", head_name: str = "fc"
+        self, net: nn.Module, linearize: str = "all", bn_affine: str = "freeze", head_name: str = "fc",
+        tangent: str = "fused", prefix_cache_gb: float | None = None,
     ) -> None:
         super().__init__()
         if bn_affine not in _BN_AFFINE:
             raise ValueError(f"bn_affine must be one of {_BN_AFFINE}, got {bn_affine!r}")
+        if tangent not in TANGENT_PATHS:
+            raise ValueError(f"tangent must be one of {TANGENT_PATHS}, got {tangent!r}")
+        self.tangent = tangent
+        self._fused_checked = False
         self.linearize = linearize
         self.bn_affine = bn_affine
         self.head_name = head_name
@@ -81,6 +102,10 @@ class LinearizedNetwork(nn.Module):
                 names.append(name)
         if not names:
             raise ValueError(f"linearize={linearize!r} selects no parameter to train")
+        self._fused = FusedTangent(net, self.linearized_blocks) if tangent == "fused" else None
+        prefix = [m for n, m in net.named_children() if n not in self.linearized_blocks]
+        self.prefix_cache = PrefixFeatureCache(prefix_cache_gb) if prefix and prefix_cache_gb is not None else None
+        self._prefix_children = prefix
         self._names: list[str] = names
         self._check_head()
         params = dict(net.named_parameters())
@@ -163,22 +188,77 @@ class LinearizedNetwork(nn.Module):
                 "LinearizedNetwork cannot run under torch.inference_mode(); use torch.no_grad() "
                 "(Lightning: Trainer(inference_mode=False), as conf/trainer/default.yaml sets)"
             )
+        if not self._order_checked:
+            self._check_forward_order(x)
+        if self._fused is not None and not self._fused_checked:
+            self._check_fused(x)
+        with self._prefix_features(x):
+            if self._fused is None:
+                primal, tangent = self._autodiff_jvp(x, tangents)
+            else:
+                primal, tangent = self._fused(x, dict(zip(self._names, tangents, strict=True)))
+        return primal.detach(), tangent
+
+    @contextmanager
+    def _prefix_features(self, x: Tensor) -> Iterator[None]:
+        """Serve the frozen prefix's features from the cache, or record them for the next time."""
+        cache = self.prefix_cache
+        if cache is None:
+            yield
+            return
+        first = self.net.get_submodule(self.linearized_blocks[0])
+        keys = cache.keys(x)
+        features = cache.lookup(x, keys)
+        if features is not None:
+            with cache.serving(self._prefix_children, first, features):
+                yield
+            return
+        sink: list[Tensor] = []
+        with cache.capturing(first, sink):
+            yield
+        if sink:
+            cache.store(keys, sink[0])
+
+    def _autodiff_jvp(self, x: Tensor, tangents: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        if torch.is_autocast_enabled(x.device.type):
+            # torch 2.x: eval batch_norm under autocast returns a low-precision primal with a float32 tangent, and
+            # the next convolution then fails on the mixed dual.
+            raise RuntimeError(
+                "tangent='autodiff' does not run under autocast (trainer.precision=bf16-mixed/16-mixed): PyTorch's "
+                "forward-mode AD mixes dtypes at eval BatchNorm. Use method.tangent=fused (the default), which "
+                "supports mixed precision, or trainer.precision=32-true."
+            )
         params = dict(self.net.named_parameters())
-        calls: list[str] = []
-        handles = [] if self._order_checked else self._record_calls(calls)
-        try:
-            with fwAD.dual_level():
-                duals = {n: fwAD.make_dual(params[n], t) for n, t in zip(self._names, tangents, strict=True)}
-                out = functional_call(self.net, duals, (x,), strict=False)
-                primal, tangent = fwAD.unpack_dual(out)
-        finally:
-            for h in handles:
-                h.remove()
-        if handles:
-            self._check_forward_order(calls)
+        with fwAD.dual_level():
+            duals = {n: fwAD.make_dual(params[n], t) for n, t in zip(self._names, tangents, strict=True)}
+            out = functional_call(self.net, duals, (x,), strict=False)
+            primal, tangent = fwAD.unpack_dual(out)
         if tangent is None:  # output does not depend on any linearized parameter
             tangent = torch.zeros_like(primal)
-        return primal.detach(), tangent
+        return primal, tangent
+
+    @torch.no_grad()
+    def _check_fused(self, x: Tensor) -> None:
+        """Compare the fused tangent with forward-mode AD once, along a random direction (δ is often zero)."""
+        assert self._fused is not None
+        generator = torch.Generator(device=x.device).manual_seed(0)
+        direction = [torch.randn(d.shape, generator=generator, device=d.device, dtype=d.dtype) * 1e-2
+                     for d in self.delta_list()]
+        # in the parameters' precision: the check is about the rules, not about rounding under autocast
+        with torch.autocast(x.device.type, enabled=False):
+            fused = self._fused(x, dict(zip(self._names, direction, strict=True)))
+            reference = self._autodiff_jvp(x, direction)
+        for what, got, want in zip(("f(x; w0)", "J(x; w0)·v"), fused, reference, strict=True):
+            scale = float(want.abs().max()) or 1.0
+            error = float((got - want).abs().max()) / scale
+            tolerance = _CHECK_TOLERANCE.get(want.dtype, 1e-4)
+            if not error <= tolerance:
+                raise RuntimeError(
+                    f"tangent='fused' gives {what} {error:.2e} (relative) away from forward-mode AD (tolerance "
+                    f"{tolerance:.0e}): the network computes something the fused rules do not see (e.g. a "
+                    "functional non-linearity inside a forward). Use method.tangent=autodiff."
+                )
+        self._fused_checked = True
 
     def forward(self, x: Tensor) -> Tensor:
         """``f_lin(x) = f(x; w0) + J(x; w0)·δ``."""
@@ -197,19 +277,22 @@ class LinearizedNetwork(nn.Module):
         rows = vmap(jacrev(single), in_dims=(None, 0))(point, x)
         return torch.cat([rows[n].reshape(x.shape[0], -1, point[n].numel()) for n in self._names], dim=2)
 
-    def _record_calls(self, calls: list[str]) -> list:
-        return [
-            m.register_forward_pre_hook(lambda _m, _i, n=n: calls.append(n))
-            for n, m in self.net.named_children()
-            if any(True for _ in m.parameters())
-        ]
-
-    def _check_forward_order(self, calls: list[str]) -> None:
-        """On the first forward: no frozen-prefix child with parameters may run after a linearized child.
+    @torch.no_grad()
+    def _check_forward_order(self, x: Tensor) -> None:
+        """Once, on a forward at w0: no frozen-prefix child with parameters may run after a linearized child.
 
         ``named_children`` order is registration order, not necessarily call order; if the prefix were not a
         prefix, frozen parameters would sit inside the linearized part, which is not what ``linearize`` means.
         """
+        calls: list[str] = []
+        handles = [m.register_forward_pre_hook(lambda _m, _i, n=n: calls.append(n))
+                   for n, m in self.net.named_children() if any(True for _ in m.parameters())]
+        try:
+            with torch.autocast(x.device.type, enabled=False):
+                self.net(x)
+        finally:
+            for h in handles:
+                h.remove()
         first = next((i for i, n in enumerate(calls) if n in self.linearized_blocks), len(calls))
         late = [n for n in calls[first:] if n not in self.linearized_blocks]
         if late:

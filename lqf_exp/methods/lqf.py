@@ -63,6 +63,8 @@ class LQF(ClassifierModule):
         head_init: str = "probe",
         head_init_l2: float | str = "auto",
         head_init_batches: int | None = None,
+        tangent: str = "fused",
+        prefix_cache_gb: float | None = None,
     ) -> None:
         check_head_init_kind(head_init)  # fail at construction, not after the data are loaded for the fit
         self.requested_weight_decay = parse_weight_decay(weight_decay, "method.weight_decay")
@@ -70,7 +72,8 @@ class LQF(ClassifierModule):
         self.head_init_l2 = parse_weight_decay(head_init_l2, "method.head_init_l2")
         self.head_init_batches = head_init_batches
         self.selection = weight_decay_selection or WeightDecaySelection()
-        linearized = LinearizedNetwork(net, linearize=linearize, bn_affine=bn_affine)
+        linearized = LinearizedNetwork(net, linearize=linearize, bn_affine=bn_affine, tangent=tangent,
+                                       prefix_cache_gb=prefix_cache_gb)
         super().__init__(linearized, loss_fn, num_classes, hparams)
         self.automatic_optimization = False
         self.controller = SolveController(solver, stop)

@@ -1,0 +1,306 @@
+"""The fused tangent path of :class:`~lqf_exp.linearize.LinearizedNetwork` (``method.tangent=fused``).
+
+Forward-mode AD runs every layer twice (primal, then tangent) plus the ``conv(x, δW)`` term. Here the primal and
+tangent streams travel as ONE tensor ``z = [primal; tangent]`` stacked on the batch axis, through per-module rules:
+
+- ``Conv2d``/``Linear``: ``conv(z, W0)`` in one call (the weights are read once for both streams), then
+  ``conv(primal, δW) + δb`` is added to the tangent half. The backward pass (a custom autograd function)
+  differentiates only the tangent half: ``convᵀ(g_t, W0)`` and the δW gradient, the two convolutions fine-tuning
+  also does; the primal stream never depends on δ, so its gradient is never formed.
+- eval ``BatchNorm``: one per-channel scale of ``z`` and a shift of the primal half only (the tangent of an affine
+  map has no shift).
+- ``ReLU``/``LeakyReLU``: ``z`` times the slope mask of the primal half.
+- ``MaxPool2d``: the tangent is gathered at the primal's argmax.
+- linear glue (residual sums, average pooling, flatten, identity, eval dropout) works on ``z`` unchanged.
+
+A module without a rule that receives ``z`` raises a clear error; non-linearities called as functions inside a
+``forward`` cannot be seen, so :class:`~lqf_exp.linearize.LinearizedNetwork` checks the first batch against
+forward-mode AD. Until a module with a δ is reached, the input is the plain batch (its tangent is zero).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+__all__ = ["FusedTangent", "UnsupportedModuleError", "fused_supports"]
+
+# Modules that are linear maps applied alike to every sample: they act on z = [primal; tangent] as they are.
+_LINEAR_PASSTHROUGH = (nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.Flatten, nn.Identity, nn.Dropout)
+_RULED = (nn.Conv2d, nn.Linear, _BatchNorm, nn.ReLU, nn.LeakyReLU, nn.MaxPool2d)
+
+
+class UnsupportedModuleError(RuntimeError):
+    """A module without a fused tangent rule received the stacked primal/tangent tensor."""
+
+
+def _conv_args(module: nn.Conv2d) -> tuple:
+    if module.padding_mode != "zeros":
+        raise UnsupportedModuleError(f"fused tangent: Conv2d padding_mode={module.padding_mode!r} (only 'zeros')")
+    return module.stride, module.padding, module.dilation, module.groups
+
+
+# On CPU, oneDNN's weight gradient is slow when a convolution has few output positions per sample (ResNet's last
+# stages at small resolution: 7× a forward at 1×1, 2.6× at 2×2, on the 2-core box); there an unfold and one matrix
+# product is 2-4× faster (benchmarks/README.md). At ≥ 16 positions oneDNN wins.
+UNFOLD_MAX_POSITIONS = 4
+
+
+def _unfold_weight_gradient(g_t: Tensor, args: tuple) -> bool:
+    _, _, dilation, groups = args
+    return (g_t.device.type == "cpu" and groups == 1 and g_t.shape[2] * g_t.shape[3] <= UNFOLD_MAX_POSITIONS
+            and tuple(dilation) == (1, 1))
+
+
+def _conv_input_gradient(g_t: Tensor, primal: Tensor, w0: Tensor, args: tuple) -> Tensor:
+    stride, padding, dilation, groups = args
+    return torch.ops.aten.convolution_backward(g_t, primal, w0, None, stride, padding, dilation, False, [0, 0],
+                                               groups, [True, False, False])[0]
+
+
+def _unfolded_weight_gradient(g_t: Tensor, primal: Tensor, shape: torch.Size, args: tuple) -> Tensor:
+    stride, padding, _, _ = args
+    cols = F.unfold(primal, shape[2:], padding=padding, stride=stride)  # [B, C_in·k·k, L]
+    rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])  # [B·L, C_in·k·k]
+    grads = g_t.flatten(2).transpose(1, 2).reshape(-1, shape[0])  # [B·L, C_out]
+    return (grads.t() @ rows).view(shape)
+
+
+def _autocast(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    """Under autocast, the inputs of a fused convolution/linear cast to the autocast dtype *outside* the autograd
+    function (the casts are differentiable, so δ's gradient comes back in δ's dtype): its backward runs without
+    autocast and needs one dtype throughout."""
+    first = tensors[0]
+    assert first is not None
+    device = first.device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(None if t is None else t.to(dtype) for t in tensors)
+
+
+class _DualConv(torch.autograd.Function):
+    """``[conv(p, W0) + b0; conv(t, W0) + conv(p, δW) + δb]`` for ``z = [p; t]``; gradients for t, δW, δb only."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, dw: Tensor | None, db: Tensor | None, w0: Tensor, b0: Tensor | None,  # type: ignore[override]
+                args: tuple, dual: bool) -> Tensor:
+        stride, padding, dilation, groups = args
+        batch = z.shape[0] // 2 if dual else z.shape[0]
+        primal = z[:batch]
+        if dual:
+            out = F.conv2d(z, w0, None, stride, padding, dilation, groups)
+        else:  # the tangent of the input is zero: the tangent half is the δ term alone
+            p_out = F.conv2d(primal, w0, None, stride, padding, dilation, groups)
+            out = torch.cat([p_out, torch.zeros_like(p_out)])
+        if b0 is not None:
+            out[:batch] += b0.view(1, -1, 1, 1)
+        if dw is not None:
+            out[batch:] += F.conv2d(primal, dw, db, stride, padding, dilation, groups)
+        ctx.args, ctx.dual, ctx.batch = args, dual, batch
+        ctx.has_db = db is not None
+        ctx.save_for_backward(primal, w0, dw)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple:  # type: ignore[override]
+        primal, w0, dw = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.args
+        g_t = grad[ctx.batch :].contiguous()
+        want_z = ctx.dual and ctx.needs_input_grad[0]
+        want_dw = dw is not None and ctx.needs_input_grad[1]
+        want_db = dw is not None and ctx.has_db and ctx.needs_input_grad[2]
+        if want_dw and _unfold_weight_gradient(g_t, ctx.args):
+            g_in = _conv_input_gradient(g_t, primal, w0, ctx.args) if want_z else None
+            grad_dw = _unfolded_weight_gradient(g_t, primal, dw.shape, ctx.args)
+            grad_db = g_t.sum((0, 2, 3)) if want_db else None
+        else:
+            # One call gives both: the input gradient needs only W0 (not the input's values), the weight gradient
+            # only the input (not the weight's values), and δW has W0's shape.
+            g_in, grad_dw, grad_db = torch.ops.aten.convolution_backward(
+                g_t, primal, w0, [w0.shape[0]] if want_db else None, stride, padding, dilation, False, [0, 0],
+                groups, [want_z, want_dw, want_db])
+        grad_z = torch.cat([torch.zeros_like(g_in), g_in]) if want_z else None
+        return grad_z, grad_dw, grad_db, None, None, None, None
+
+
+class _DualLinear(torch.autograd.Function):
+    """The ``Linear`` counterpart of :class:`_DualConv` (inputs ``[..., in]``)."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, dw: Tensor | None, db: Tensor | None, w0: Tensor, b0: Tensor | None,  # type: ignore[override]
+                dual: bool) -> Tensor:
+        batch = z.shape[0] // 2 if dual else z.shape[0]
+        primal = z[:batch]
+        if dual:
+            out = F.linear(z, w0)
+        else:
+            p_out = F.linear(primal, w0)
+            out = torch.cat([p_out, torch.zeros_like(p_out)])
+        if b0 is not None:
+            out[:batch] += b0
+        if dw is not None:
+            out[batch:] += F.linear(primal, dw, db)
+        ctx.dual, ctx.batch, ctx.has_db = dual, batch, db is not None
+        ctx.save_for_backward(primal, w0, dw)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple:  # type: ignore[override]
+        primal, w0, dw = ctx.saved_tensors
+        g_t = grad[ctx.batch :]
+        grad_z = grad_dw = grad_db = None
+        if ctx.dual and ctx.needs_input_grad[0]:
+            g_in = g_t @ w0.to(g_t.dtype)
+            grad_z = torch.cat([torch.zeros_like(g_in), g_in])
+        if dw is not None:
+            g2, p2 = g_t.reshape(-1, g_t.shape[-1]), primal.reshape(-1, primal.shape[-1])
+            if ctx.needs_input_grad[1]:
+                grad_dw = (g2.t() @ p2.to(g2.dtype)).to(dw.dtype)
+            if ctx.has_db and ctx.needs_input_grad[2]:
+                grad_db = g2.sum(0).to(dw.dtype)
+        return grad_z, grad_dw, grad_db, None, None, None
+
+
+def fused_supports(module: nn.Module) -> bool:
+    """Whether ``module`` (a leaf) has a fused tangent rule or is linear glue that needs none."""
+    return isinstance(module, _RULED + _LINEAR_PASSTHROUGH)
+
+
+class FusedTangent:
+    """Runs ``net`` on ``z = [primal; tangent]`` by installing per-module rules for the duration of one call.
+
+    Args:
+        net: the network at w0 (eval mode).
+        blocks: the top-level children that can see a tangent (the linearized blocks); the others run as they are.
+    """
+
+    def __init__(self, net: nn.Module, blocks: list[str]) -> None:
+        self.net = net
+        self.blocks = list(blocks)
+        self._batch = 0
+
+    def __call__(self, x: Tensor, tangent_of: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """``(f(x; w0), J(x; w0)·v)``, the second differentiable in the tangents; ``tangent_of`` maps a parameter
+        name (``layer1.0.conv1.weight``) to its tangent (δ or any direction ``v``)."""
+        self._batch = x.shape[0]
+        with self._rules(tangent_of):
+            out = self.net(x)
+        if self._is_dual(out):
+            return out[: self._batch], out[self._batch :]
+        return out, torch.zeros_like(out)
+
+    # -- rules ------------------------------------------------------------------------------------------------
+    def _is_dual(self, z: Tensor) -> bool:
+        return z.shape[0] == 2 * self._batch
+
+    @contextmanager
+    def _rules(self, tangent_of: Mapping[str, Tensor]) -> Iterator[None]:
+        patched = []
+        try:
+            for name, module in self.net.named_modules():
+                if next(module.children(), None) is not None or name.split(".")[0] not in self.blocks:
+                    continue
+                rule = self._rule_for(name, module, tangent_of)
+                if rule is not None:
+                    module.forward = rule  # type: ignore[method-assign]  # instance attribute shadows the class's
+                    patched.append(module)
+            yield
+        finally:
+            for module in patched:
+                del module.forward
+
+    def _rule_for(self, name: str, module: nn.Module, tangent_of: Mapping[str, Tensor]) -> Callable | None:
+        prefix = f"{name}." if name else ""
+        dw, db = tangent_of.get(prefix + "weight"), tangent_of.get(prefix + "bias")
+        if isinstance(module, nn.Conv2d):
+            return partial(self._conv, module, _conv_args(module), dw, db)
+        if isinstance(module, nn.Linear):
+            return partial(self._linear, module, dw, db)
+        if isinstance(module, _BatchNorm):
+            return partial(self._batch_norm, module, dw, db)
+        if isinstance(module, (nn.ReLU, nn.LeakyReLU)):
+            slope = module.negative_slope if isinstance(module, nn.LeakyReLU) else 0.0
+            return partial(self._activation, module, slope)
+        if isinstance(module, nn.MaxPool2d):
+            return partial(self._max_pool, module)
+        if isinstance(module, _LINEAR_PASSTHROUGH):
+            return None
+        if any(p in tangent_of for p in (prefix + n for n, _ in module.named_parameters())):
+            raise UnsupportedModuleError(
+                f"fused tangent: module {name!r} ({type(module).__name__}) has a δ but no fused rule; "
+                "use method.tangent=autodiff"
+            )
+        return partial(self._guard, module, name)
+
+    def _guard(self, module: nn.Module, name: str, z: Tensor) -> Tensor:
+        if self._is_dual(z):
+            raise UnsupportedModuleError(
+                f"fused tangent: module {name!r} ({type(module).__name__}) has no fused tangent rule and is "
+                "reached by the tangent; use method.tangent=autodiff"
+            )
+        return type(module).forward(module, z)
+
+    def _conv(self, module: nn.Conv2d, args: tuple, dw: Tensor | None, db: Tensor | None, z: Tensor) -> Tensor:
+        dual = self._is_dual(z)
+        if not dual and dw is None and db is None:
+            return type(module).forward(module, z)
+        return _DualConv.apply(*_autocast(z, dw, db, module.weight, module.bias), args, dual)
+
+    def _linear(self, module: nn.Linear, dw: Tensor | None, db: Tensor | None, z: Tensor) -> Tensor:
+        dual = self._is_dual(z)
+        if not dual and dw is None and db is None:
+            return type(module).forward(module, z)
+        return _DualLinear.apply(*_autocast(z, dw, db, module.weight, module.bias), dual)
+
+    def _batch_norm(self, module: _BatchNorm, d_gamma: Tensor | None, d_beta: Tensor | None, z: Tensor) -> Tensor:
+        dual = self._is_dual(z)
+        if not dual and d_gamma is None and d_beta is None:
+            return type(module).forward(module, z)
+        assert module.running_var is not None and module.running_mean is not None  # eval mode, tracked stats
+        inv_std = torch.rsqrt(module.running_var + module.eps)
+        scale = inv_std if module.weight is None else inv_std * module.weight
+        shift = -module.running_mean * scale
+        if module.bias is not None:
+            shift = shift + module.bias
+        view = (1, -1) + (1,) * (z.dim() - 2)
+        if not dual:
+            z = torch.cat([z, torch.zeros_like(z)])
+        zv = z.view(2, self._batch, *z.shape[1:])
+        shifts = torch.stack([shift, torch.zeros_like(shift)]).view((2, 1, -1) + view[2:])
+        out = torch.addcmul(shifts.to(z.dtype), zv, scale.view((1,) + view).to(z.dtype)).view(z.shape)
+        if d_gamma is None and d_beta is None:
+            return out
+        # δγ, δβ (bn_affine=linearize): the tangent gains x̂·δγ + δβ, x̂ the normalized primal.
+        extra = torch.zeros((), dtype=z.dtype, device=z.device)
+        if d_gamma is not None:
+            normalized = (zv[0] - module.running_mean.view(view)) * inv_std.view(view)
+            extra = normalized.to(z.dtype) * d_gamma.view(view).to(z.dtype)
+        if d_beta is not None:
+            extra = extra + d_beta.view(view).to(z.dtype)
+        return torch.cat([out[: self._batch], out[self._batch :] + extra])
+
+    def _activation(self, module: nn.Module, slope: float, z: Tensor) -> Tensor:
+        if not self._is_dual(z):
+            return type(module).forward(module, z)
+        zv = z.view(2, self._batch, *z.shape[1:])
+        positive = zv[0] > 0
+        factor = positive.to(z.dtype) if slope == 0.0 else torch.where(positive, z.new_ones(()), z.new_full((), slope))
+        return (zv * factor).view(z.shape)
+
+    def _max_pool(self, module: nn.MaxPool2d, z: Tensor) -> Tensor:
+        if not self._is_dual(z):
+            return type(module).forward(module, z)
+        if module.return_indices:
+            raise UnsupportedModuleError("fused tangent: MaxPool2d(return_indices=True)")
+        primal, tangent = z[: self._batch], z[self._batch :]
+        p_out, index = F.max_pool2d(primal, module.kernel_size, module.stride, module.padding, module.dilation,
+                                    ceil_mode=module.ceil_mode, return_indices=True)
+        t_out = tangent.flatten(2).gather(2, index.flatten(2)).view_as(p_out)
+        return torch.cat([p_out, t_out])
