@@ -3,26 +3,37 @@
 Example::
 
     python benchmarks/step_time.py --model resnet18 --image-size 32 --batch 32 --device cpu --linearize all layer4
-    python benchmarks/step_time.py --model resnet50 --image-size 224 --batch 64 --device cuda
+    python benchmarks/step_time.py --threads 1 --linearize all layer4 --no-unfold
+    python benchmarks/step_time.py --threads 1 --linearize all --tangent fused --precision bf16-mixed
+    python benchmarks/step_time.py --model resnet50 --image-size 224 --batch 64 --device cuda --channels-last --compile
+
+One LQF variant per (``--linearize``, ``--tangent``) pair, named ``lqf[all,fused]``, ``lqf[layer4,autodiff]``...
+``--precision``, ``--channels-last`` and ``--compile`` apply to every method, fine-tuning included; ``--no-unfold``
+only changes the fused tangent path (``lqf_exp.tangent.UNFOLD_MAX_POSITIONS = 0``: oneDNN's weight gradient
+everywhere, as stock fine-tuning does), so comparing a run with and without it shows how much of the fused
+LQF/fine-tune ratio is the unfold weight-gradient schedule.
 
 Peak memory = persistent state (exact bytes of parameters incl. w0 and δ, gradients, momentum) + the peak of one
 step above the memory in use before it (measured after a first step). CUDA: ``torch.cuda.max_memory_allocated``
-after ``reset_peak_memory_stats``. CPU: each method runs alone in a subprocess that resets the kernel's peak-RSS
-mark (``/proc/self/clear_refs``) and reports VmHWM minus VmRSS before the step, with glibc's mmap threshold fixed
-at 64 KiB so freed tensors leave the RSS (approximate; falls back to ``getrusage`` ru_maxrss).
+after ``reset_peak_memory_stats``. CPU: each method runs alone in a subprocess (with the same flags) that resets
+the kernel's peak-RSS mark (``/proc/self/clear_refs``) and reports VmHWM minus VmRSS before the step, with glibc's
+mmap threshold fixed at 64 KiB so freed tensors leave the RSS (approximate; falls back to ``getrusage`` ru_maxrss).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
+import platform
 import resource
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -30,9 +41,12 @@ import torchvision
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lqf_exp.linearize import LinearizedNetwork  # noqa: E402
+import lqf_exp.tangent as tangent_module  # noqa: E402
+from lqf_exp.linearize import TANGENT_PATHS, LinearizedNetwork  # noqa: E402
 
 ALPHA = 15.0  # MSE target scale of the paper
+AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}  # Lightning's precision names
+FINETUNE = "finetune"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -44,12 +58,50 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--linearize", nargs="+", default=["all", "layer4"], help="one LQF variant per value")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument("--linearize", nargs="+", default=["all", "layer4"], help="one LQF variant per value and tangent")
+    p.add_argument("--tangent", nargs="+", default=list(TANGENT_PATHS), choices=TANGENT_PATHS,
+                   help="LinearizedNetwork tangent paths to time (autodiff is skipped under mixed precision)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="parameter dtype")
+    p.add_argument("--precision", default="32", choices=["32", *AUTOCAST_DTYPES],
+                   help="mixed: forward + loss under torch.autocast (parameters stay --dtype); 16-mixed: cuda only")
+    p.add_argument("--channels-last", action="store_true", help="network and input in torch.channels_last")
+    p.add_argument("--compile", action="store_true", help="torch.compile each method's forward module")
+    p.add_argument("--no-unfold", action="store_true",
+                   help="fused path: lqf_exp.tangent.UNFOLD_MAX_POSITIONS = 0 (oneDNN weight gradients everywhere)")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave default)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--mem-only", default=None, help=argparse.SUPPRESS)  # internal: CPU memory subprocess
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.precision == "16-mixed" and args.device != "cuda":
+        p.error("--precision 16-mixed needs --device cuda (CPU autocast is bfloat16; use bf16-mixed)")
+    if args.precision != "32" and args.dtype != "float32":
+        p.error("mixed precision needs --dtype float32 (autocast only lowers float32 operations)")
+    return args
+
+
+# ---- methods -----------------------------------------------------------------------------------------------
+def lqf_name(linearize: str, tangent: str) -> str:
+    return f"lqf[{linearize},{tangent}]"
+
+
+def parse_lqf_name(name: str) -> tuple[str, str]:
+    """``lqf[all,fused]`` -> ``("all", "fused")``."""
+    linearize, tangent = name[len("lqf[") : -1].split(",")
+    return linearize, tangent
+
+
+def method_names(args: argparse.Namespace, announce: bool = True) -> list[str]:
+    """finetune, then one LQF variant per (linearize, tangent); autodiff is dropped under autocast."""
+    names = [FINETUNE]
+    for lin in args.linearize:
+        for tan in args.tangent:
+            if tan == "autodiff" and args.precision != "32":
+                if announce:
+                    print(f"note: {lqf_name(lin, tan)} skipped: tangent=autodiff raises under autocast "
+                          f"(--precision {args.precision}; PyTorch forward-mode AD mixes dtypes at eval BatchNorm)")
+                continue
+            names.append(lqf_name(lin, tan))
+    return names
 
 
 def build(args: argparse.Namespace) -> tuple[nn.Module, Tensor, Tensor]:
@@ -59,39 +111,105 @@ def build(args: argparse.Namespace) -> tuple[nn.Module, Tensor, Tensor]:
     net = getattr(torchvision.models, args.model)(num_classes=args.num_classes).eval()
     net = net.to(device=args.device, dtype=dtype)
     x = torch.randn(args.batch, 3, args.image_size, args.image_size, device=args.device, dtype=dtype)
+    if args.channels_last:
+        net = net.to(memory_format=torch.channels_last)  # before any copy: LQF's w0 and δ inherit the layout
+        x = x.contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, args.num_classes, (args.batch,), device=args.device)
     y = ALPHA * nn.functional.one_hot(labels, args.num_classes).to(dtype)
     return net, x, y
 
 
-class Step:
-    """One training step: forward, MSE (per-sample sum over classes, mean over batch), backward, SGD."""
+def autocast_context(args: argparse.Namespace) -> contextlib.AbstractContextManager:
+    if args.precision == "32":
+        return contextlib.nullcontext()
+    return torch.autocast(args.device, dtype=AUTOCAST_DTYPES[args.precision])
 
-    def __init__(self, model: nn.Module, x: Tensor, y: Tensor) -> None:
-        self.model, self.x, self.y = model, x, y
-        self.opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
+
+class Step:
+    """One training step: forward and MSE (per-sample sum over classes, mean over batch) under the precision's
+    autocast, backward, SGD with momentum. ``forward`` is ``module`` or its compiled version."""
+
+    def __init__(self, module: nn.Module, x: Tensor, y: Tensor, args: argparse.Namespace) -> None:
+        self.module, self.x, self.y, self.args = module, x, y, args
+        self.forward: Callable[[Tensor], Tensor] = module
+        self.compiled = False
+        self.opt = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
 
     def __call__(self) -> None:
-        loss = (self.model(self.x) - self.y).pow(2).sum(1).mean()
+        with autocast_context(self.args):
+            loss = (self.forward(self.x) - self.y).pow(2).sum(1).mean()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
 
+    def prime(self) -> None:
+        """One eager forward: LinearizedNetwork's first-call checks (fused vs forward-mode AD, call order) run
+        here, outside any compiled graph."""
+        with torch.no_grad(), autocast_context(self.args):
+            self.module(self.x)
+
     def state_mb(self) -> float:
         """Exact size of what persists between steps: parameters (w0 and δ), gradients, momentum."""
-        tensors = [p for p in self.model.parameters()] + [p.grad for p in self.model.parameters()]
+        tensors = [p for p in self.module.parameters()] + [p.grad for p in self.module.parameters()]
         tensors += [v for st in self.opt.state.values() for v in st.values() if isinstance(v, Tensor)]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None) / 2**20
 
 
-def make_steps(args: argparse.Namespace) -> tuple[dict[str, Step], Tensor]:
+def make_step(args: argparse.Namespace, name: str, net: nn.Module, x: Tensor, y: Tensor) -> Step:
+    if name == FINETUNE:
+        return Step(net, x, y, args)
+    linearize, tangent = parse_lqf_name(name)
+    return Step(LinearizedNetwork(copy.deepcopy(net), linearize=linearize, tangent=tangent), x, y, args)
+
+
+def make_steps(args: argparse.Namespace, names: list[str]) -> dict[str, Step]:
     net, x, y = build(args)
-    steps = {"finetune": Step(net, x, y)}
-    for lin in args.linearize:
-        steps[f"lqf[{lin}]"] = Step(LinearizedNetwork(copy.deepcopy(net), linearize=lin), x, y)
-    return steps, x
+    steps = {name: make_step(args, name, net, x, y) for name in names}  # LQF copies net before any step
+    for step in steps.values():
+        step.prime()
+    return steps
 
 
+# ---- torch.compile -----------------------------------------------------------------------------------------
+def _dynamo_counts() -> str:
+    """Graphs and graph breaks dynamo recorded since the last reset (best effort: private counters)."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:
+        return ""
+    breaks = sum(counters["graph_break"].values())
+    return f"{counters['stats']['unique_graphs']} graph(s), {breaks} graph break(s)"
+
+
+def _reset_dynamo() -> None:
+    with contextlib.suppress(ImportError):
+        from torch._dynamo.utils import counters
+
+        counters.clear()
+
+
+def compile_step(name: str, step: Step, quiet: bool = False) -> float | None:
+    """``torch.compile`` the step's forward module and run one step (the compile warm-up, timed and returned).
+    On failure: print the error's first line, keep the step eager and return None."""
+    _reset_dynamo()
+    step.forward = torch.compile(step.module)
+    t0 = time.perf_counter()
+    try:
+        step()
+        sync(step.args.device)
+    except Exception as err:  # noqa: BLE001  # any compile failure leaves that method eager
+        first = (str(err).strip().splitlines() or [""])[0]
+        print(f"compile failed for {name}: {type(err).__name__}: {first[:300]}", file=sys.stderr if quiet else None)
+        step.forward, step.compiled = step.module, False
+        return None
+    seconds = time.perf_counter() - t0
+    step.compiled = True
+    if not quiet:
+        print(f"compiled {name}: warm-up step {seconds:.1f} s (excluded), {_dynamo_counts()}")
+    return seconds
+
+
+# ---- timing ------------------------------------------------------------------------------------------------
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -111,6 +229,7 @@ def time_steps(args: argparse.Namespace, steps: dict[str, Step]) -> dict[str, fl
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+# ---- memory ------------------------------------------------------------------------------------------------
 def _status_mb(field: str) -> float:
     with open("/proc/self/status") as f:
         line = next(ln for ln in f if ln.startswith(field + ":"))
@@ -137,19 +256,18 @@ def cuda_peak_mb(step: Step) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+def config_flags(args: argparse.Namespace) -> list[str]:
+    """The command-line flags that define what one step computes (for the memory subprocess)."""
+    flags = ["--model", args.model, "--image-size", str(args.image_size), "--batch", str(args.batch),
+             "--num-classes", str(args.num_classes), "--dtype", args.dtype, "--threads", str(args.threads),
+             "--precision", args.precision, "--device", "cpu"]
+    switches = {"--channels-last": args.channels_last, "--compile": args.compile, "--no-unfold": args.no_unfold}
+    return flags + [flag for flag, on in switches.items() if on]
+
+
 def cpu_peak_mb(args: argparse.Namespace, method: str) -> float:
     """Run one method alone in a subprocess (peak RSS is per process and never goes down)."""
-    flags = {
-        "--mem-only": method,
-        "--model": args.model,
-        "--image-size": args.image_size,
-        "--batch": args.batch,
-        "--num-classes": args.num_classes,
-        "--dtype": args.dtype,
-        "--threads": args.threads,
-        "--device": "cpu",
-    }
-    argv = [sys.executable, __file__, *(str(v) for kv in flags.items() for v in kv)]
+    argv = [sys.executable, __file__, "--mem-only", method, *config_flags(args)]
     # Fixed mmap threshold: big blocks go back to the OS on free, so RSS follows live tensors, not malloc's cache.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     out = subprocess.run(argv, check=True, capture_output=True, text=True, env=env).stdout
@@ -157,11 +275,10 @@ def cpu_peak_mb(args: argparse.Namespace, method: str) -> float:
 
 
 def mem_only(args: argparse.Namespace) -> None:
-    args.linearize = [] if args.mem_only == "finetune" else [args.mem_only]
-    steps, _ = make_steps(args)
-    step = steps["finetune" if args.mem_only == "finetune" else f"lqf[{args.mem_only}]"]
-    del steps
-    step()  # first step: optimizer state, oneDNN/thread-pool set-up; not part of a step's working memory
+    step = make_steps(args, [args.mem_only])[args.mem_only]
+    if args.compile:
+        compile_step(args.mem_only, step, quiet=True)  # its first step is the compile warm-up
+    step()  # first (or next) step: optimizer state, oneDNN/thread-pool set-up; not part of a step's working memory
     before = _status_mb("VmRSS")
     if not reset_peak_rss():  # fall back to the process-lifetime peak
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
@@ -171,32 +288,63 @@ def mem_only(args: argparse.Namespace) -> None:
     print(json.dumps({"peak_mb": _status_mb("VmHWM") - before}))
 
 
+def peak_memory(args: argparse.Namespace, steps: dict[str, Step]) -> dict[str, float]:
+    mem = {}
+    for name, step in steps.items():
+        peak = cuda_peak_mb(step) if args.device == "cuda" else cpu_peak_mb(args, name)
+        mem[name] = step.state_mb() + peak
+    return mem
+
+
+# ---- report ------------------------------------------------------------------------------------------------
+def machine(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError, StopIteration), open("/proc/cpuinfo") as f:
+        model = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    return f"{model} ({os.cpu_count()} cores)"
+
+
+def header(args: argparse.Namespace) -> Iterator[str]:
+    unfold = "off (--no-unfold)" if args.no_unfold else f"<= {tangent_module.UNFOLD_MAX_POSITIONS} positions"
+    yield (f"{args.model} {args.image_size}px batch {args.batch} {args.dtype} on {args.device}, "
+           f"torch {torch.__version__}")
+    yield (f"machine: {machine(args.device)}; threads {torch.get_num_threads()}; precision {args.precision}; "
+           f"channels-last {'on' if args.channels_last else 'off'}; compile {'on' if args.compile else 'off'}; "
+           f"fused unfold weight-gradient {unfold}")
+    yield f"median over {args.steps} steps after {args.warmup} warm-up; peak mem = persistent state + step peak"
+
+
+def report(args: argparse.Namespace, steps: dict[str, Step], med: dict[str, float], mem: dict[str, float]) -> None:
+    for line in header(args):
+        print(line)
+    ft = med[FINETUNE]
+    for name, t in med.items():
+        line = f"{name:>20}: {t * 1e3:8.1f} ms/step  {args.batch / t:8.1f} img/s  ratio/finetune {t / ft:5.2f}"
+        if name in mem:
+            line += f"  peak mem {mem[name]:8.1f} MiB (x{mem[name] / mem[FINETUNE]:.2f})"
+        if args.compile and not steps[name].compiled:
+            line += "  [uncompiled: compile failed]"
+        print(line)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.no_unfold:
+        tangent_module.UNFOLD_MAX_POSITIONS = 0
     if args.mem_only is not None:
         mem_only(args)
         return
-    steps, x = make_steps(args)
-    med = time_steps(args, steps)
-    mem: dict[str, float] = {}
-    if not args.no_memory:
+    steps = make_steps(args, method_names(args))
+    if args.compile:
         for name, step in steps.items():
-            if args.device == "cuda":
-                peak = cuda_peak_mb(step)
-            else:
-                peak = cpu_peak_mb(args, name if name == "finetune" else name[4:-1])
-            mem[name] = step.state_mb() + peak
-    dev = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    print(f"{args.model} {args.image_size}px batch {args.batch} {args.dtype} on {dev}, torch {torch.__version__}")
-    print(f"median over {args.steps} steps after {args.warmup} warm-up; peak mem = persistent state + step peak")
-    ft = med["finetune"]
-    for name, t in med.items():
-        line = f"{name:>14}: {t * 1e3:8.1f} ms/step  {args.batch / t:8.1f} img/s  ratio/finetune {t / ft:5.2f}"
-        if name in mem:
-            line += f"  peak mem {mem[name]:8.1f} MiB (x{mem[name] / mem['finetune']:.2f})"
-        print(line)
+            compile_step(name, step)
+    med = time_steps(args, steps)
+    mem = {} if args.no_memory else peak_memory(args, steps)
+    report(args, steps, med, mem)
 
 
 if __name__ == "__main__":
