@@ -4,6 +4,8 @@ With ``A = Q_A Λ_A Q_Aᵀ`` and ``G = Q_G Λ_G Q_Gᵀ`` (eigendecompositions in
 ``(out, in+1)`` maps to ``Q_G [(Q_Gᵀ V Q_A) / (λ_G λ_Aᵀ + γ)] Q_Aᵀ``: the exact inverse of the damped Kronecker
 product, not the factored ``(G + √γI)⁻¹ V (A + √γI)⁻¹`` heuristic. EKFAC keeps the eigenbases and replaces
 ``λ_G λ_Aᵀ`` by corrected eigenvalues ``s`` (:mod:`lqf_exp.precond.ekfac`): :meth:`KroneckerInverse.with_eigenvalues`.
+When few ``s`` exceed ``1e-12·γ`` (rank-deficient factors) the product is applied in an exact low-rank form that
+rotates only those eigen-directions (:mod:`lqf_exp.precond.eigenbasis`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import math
 
 import torch
 from torch import Tensor, nn
+
+from lqf_exp.precond.eigenbasis import Form, Plan, flush_tiny, make_form, make_plan
 
 
 def check_damping(damping: float) -> float:
@@ -43,37 +47,47 @@ class KroneckerInverse:
 
     The eigendecompositions are computed once; :meth:`with_damping` re-scales for another γ and
     :meth:`with_eigenvalues` for other eigenvalues without redoing them. ``eigenvalues`` (float64, ``(out, in+1)``)
-    holds ``s``.
+    holds ``s``; with ``Q_A``/``Q_G`` (in ``dtype``) it is the whole state. :meth:`apply` uses the exact low-rank form
+    of :mod:`.eigenbasis` when it takes fewer multiply-adds (``low_rank=False`` forces the full form, e.g. as the
+    reference in benchmarks); its tensors are cast to each gradient dtype/device once and cached, so that steady-state
+    applies copy nothing. The cache is rebuilt after :meth:`with_damping`/:meth:`with_eigenvalues` (the kept
+    eigen-directions depend on γ and ``s``), the bases cast to another dtype are kept.
     """
 
-    def __init__(self, A: Tensor, G: Tensor, damping: float, dtype: torch.dtype | None = None) -> None:
+    def __init__(self, A: Tensor, G: Tensor, damping: float, dtype: torch.dtype | None = None,
+                 low_rank: bool = True) -> None:
         dtype = dtype or A.dtype
         lam_A, Q_A = _eigh_psd(A)
         lam_G, Q_G = _eigh_psd(G)
-        # The factors are PSD; round-off can make tiny eigenvalues negative.
-        self._set(Q_A.to(dtype), Q_G.to(dtype), torch.outer(lam_G.clamp(min=0.0), lam_A.clamp(min=0.0)), damping)
+        # The factors are PSD; round-off can make tiny eigenvalues negative. The cast bases are ours to flush in place.
+        Q_A, Q_G = (flush_tiny(Q.to(dtype), inplace=True) for Q in (Q_A, Q_G))
+        self._set(Q_A, Q_G, torch.outer(lam_G.clamp(min=0.0), lam_A.clamp(min=0.0)), damping, low_rank)
 
     @classmethod
     def from_eigenbasis(
-        cls, Q_A: Tensor, Q_G: Tensor, eigenvalues: Tensor, damping: float, dtype: torch.dtype | None = None
+        cls, Q_A: Tensor, Q_G: Tensor, eigenvalues: Tensor, damping: float, dtype: torch.dtype | None = None,
+        low_rank: bool = True,
     ) -> KroneckerInverse:
         """The inverse with given eigenvectors and eigenvalues ``s`` (``(out, in+1)``), e.g. restored EKFAC
         corrections with the very bases they were computed in (a fresh ``eigh`` may pick another basis inside a
         degenerate eigenspace, where the corrections would not apply)."""
         dtype = dtype or Q_A.dtype
         inverse = cls.__new__(cls)
-        inverse._set(Q_A.to(dtype), Q_G.to(dtype), _check_eigenvalues(eigenvalues, Q_A, Q_G), damping)
+        inverse._set(Q_A.to(dtype), Q_G.to(dtype), _check_eigenvalues(eigenvalues, Q_A, Q_G), damping, low_rank)
         return inverse
 
-    def _set(self, Q_A: Tensor, Q_G: Tensor, eigenvalues: Tensor, damping: float) -> None:
+    def _set(self, Q_A: Tensor, Q_G: Tensor, eigenvalues: Tensor, damping: float, low_rank: bool) -> None:
         self.Q_A, self.Q_G = Q_A, Q_G
         self.eigenvalues = eigenvalues.to(torch.float64)
+        self._low_rank = bool(low_rank)
+        self._bases: dict[tuple[torch.dtype, torch.device], tuple[Tensor, Tensor]] = {}  # (Q_A, Q_G) cast
         self.with_damping(damping)
 
     def with_damping(self, damping: float) -> KroneckerInverse:
         """This inverse with another damping γ (same eigenbases)."""
         self.damping = check_damping(damping)
-        self.scale = (1.0 / (self.eigenvalues + self.damping)).to(self.Q_A.dtype)
+        self._plan: Plan | None = None
+        self._forms: dict[tuple[torch.dtype, torch.device], Form] = {}
         return self
 
     def with_eigenvalues(self, eigenvalues: Tensor) -> KroneckerInverse:
@@ -81,10 +95,44 @@ class KroneckerInverse:
         self.eigenvalues = _check_eigenvalues(eigenvalues, self.Q_A, self.Q_G)
         return self.with_damping(self.damping)
 
+    @property
+    def low_rank(self) -> bool:
+        """Whether :meth:`apply` may use the low-rank form (it does when that is cheaper: :attr:`plan`)."""
+        return self._low_rank
+
+    @low_rank.setter
+    def low_rank(self, value: bool) -> None:
+        self._low_rank = bool(value)
+        self.with_damping(self.damping)
+
+    @property
+    def scale(self) -> Tensor:
+        """``1/(s + γ)`` in the bases' dtype (computed on request; :meth:`apply` uses its cached forms)."""
+        return (1.0 / (self.eigenvalues + self.damping)).to(self.Q_A.dtype)
+
+    @property
+    def plan(self) -> Plan:
+        """The form :meth:`apply` uses at this damping: kept eigen-directions (``rank``) and multiply-adds."""
+        if self._plan is None:
+            self._plan = make_plan(self.eigenvalues, self.damping, self._low_rank)
+        return self._plan
+
+    def form(self, dtype: torch.dtype, device: torch.device) -> Form:
+        """:attr:`plan`'s tensors in ``dtype`` on ``device``, built at the first call and cached."""
+        key = (dtype, torch.device(device))
+        if key not in self._forms:
+            if key not in self._bases:
+                # a fresh cast is flushed in place; the stored bases (same dtype/device) are copied only if they
+                # hold tiny entries (bases restored from an old checkpoint)
+                Q_A, Q_G = (Q.to(device=device, dtype=dtype) for Q in (self.Q_A, self.Q_G))
+                self._bases[key] = (flush_tiny(Q_A, inplace=Q_A is not self.Q_A),
+                                    flush_tiny(Q_G, inplace=Q_G is not self.Q_G))
+            self._forms[key] = make_form(self.plan, *self._bases[key], self.eigenvalues, self.damping)
+        return self._forms[key]
+
     def apply(self, V: Tensor) -> Tensor:
-        """Return ``(Q_G ⊗ Q_A) diag(s + γ)⁻¹ (Q_G ⊗ Q_A)ᵀ rvec(V)`` reshaped like ``V``."""
-        Q_A, Q_G, scale = (t.to(V.dtype) for t in (self.Q_A, self.Q_G, self.scale))
-        return Q_G @ ((Q_G.T @ V @ Q_A) * scale) @ Q_A.T
+        """Return ``(Q_G ⊗ Q_A) diag(s + γ)⁻¹ (Q_G ⊗ Q_A)ᵀ rvec(V)`` reshaped like ``V`` (``(..., out, in+1)``)."""
+        return self.form(V.dtype, V.device).apply(V)
 
 
 def _check_eigenvalues(eigenvalues: Tensor, Q_A: Tensor, Q_G: Tensor) -> Tensor:
