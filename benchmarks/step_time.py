@@ -59,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--linearize", nargs="+", default=["all", "layer4"], help="one LQF variant per value and tangent")
-    p.add_argument("--tangent", nargs="+", default=list(TANGENT_PATHS), choices=TANGENT_PATHS,
+    p.add_argument("--tangent", nargs="+", default=["fused", "autodiff"], choices=TANGENT_PATHS,
                    help="LinearizedNetwork tangent paths to time (autodiff is skipped under mixed precision)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="parameter dtype")
     p.add_argument("--precision", default="32", choices=["32", *AUTOCAST_DTYPES],
@@ -68,6 +68,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="torch.compile each method's forward module")
     p.add_argument("--no-unfold", action="store_true",
                    help="fused path: lqf_exp.tangent.UNFOLD_MAX_POSITIONS = 0 (oneDNN weight gradients everywhere)")
+    p.add_argument("--prefix-cache", action="store_true",
+                   help="LQF variants with a frozen prefix (linearize=<block>) serve its features from "
+                        "lqf_exp.prefix_cache after the first step: the cost per pass after the first")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave default)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--mem-only", default=None, help=argparse.SUPPRESS)  # internal: CPU memory subprocess
@@ -159,7 +162,9 @@ def make_step(args: argparse.Namespace, name: str, net: nn.Module, x: Tensor, y:
     if name == FINETUNE:
         return Step(net, x, y, args)
     linearize, tangent = parse_lqf_name(name)
-    return Step(LinearizedNetwork(copy.deepcopy(net), linearize=linearize, tangent=tangent), x, y, args)
+    cache_gb = 1.0 if args.prefix_cache else None
+    return Step(LinearizedNetwork(copy.deepcopy(net), linearize=linearize, tangent=tangent,
+                                  prefix_cache_gb=cache_gb), x, y, args)
 
 
 def make_steps(args: argparse.Namespace, names: list[str]) -> dict[str, Step]:
@@ -261,7 +266,8 @@ def config_flags(args: argparse.Namespace) -> list[str]:
     flags = ["--model", args.model, "--image-size", str(args.image_size), "--batch", str(args.batch),
              "--num-classes", str(args.num_classes), "--dtype", args.dtype, "--threads", str(args.threads),
              "--precision", args.precision, "--device", "cpu"]
-    switches = {"--channels-last": args.channels_last, "--compile": args.compile, "--no-unfold": args.no_unfold}
+    switches = {"--channels-last": args.channels_last, "--compile": args.compile, "--no-unfold": args.no_unfold,
+                "--prefix-cache": args.prefix_cache}
     return flags + [flag for flag, on in switches.items() if on]
 
 
@@ -312,7 +318,7 @@ def header(args: argparse.Namespace) -> Iterator[str]:
            f"torch {torch.__version__}")
     yield (f"machine: {machine(args.device)}; threads {torch.get_num_threads()}; precision {args.precision}; "
            f"channels-last {'on' if args.channels_last else 'off'}; compile {'on' if args.compile else 'off'}; "
-           f"fused unfold weight-gradient {unfold}")
+           f"fused unfold weight-gradient {unfold}; prefix cache {'on' if args.prefix_cache else 'off'}")
     yield f"median over {args.steps} steps after {args.warmup} warm-up; peak mem = persistent state + step peak"
 
 

@@ -7,6 +7,7 @@ with respect to δ (reverse-over-forward). ``benchmarks/README.md`` gives the co
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -20,11 +21,14 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from lqf_exp.prefix_cache import PrefixFeatureCache
 from lqf_exp.tangent import FusedTangent
 
+log = logging.getLogger(__name__)
+
 __all__ = ["TANGENT_PATHS", "LinearizedNetwork", "zero_gradient_fraction"]
 
 _BN_AFFINE = ("freeze", "linearize")
+# auto: fused where every module has a rule and the first batch agrees with forward-mode AD, else autodiff;
 # fused: primal and tangent stacked through per-module rules (lqf_exp.tangent); autodiff: forward-mode AD duals.
-TANGENT_PATHS = ("fused", "autodiff")
+TANGENT_PATHS = ("auto", "fused", "autodiff")
 # max |fused − autodiff| / max |autodiff| allowed on the first batch, by output dtype
 _CHECK_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
 
@@ -49,11 +53,13 @@ class LinearizedNetwork(nn.Module):
             ``Conv2d``/``Linear`` layer, exactly the layers K-FAC preconditions (γ/β are few and the GaF
             forward pass LQF builds on folds BN into the convs anyway). ``"linearize"``: γ/β get δs too.
         head_name: attribute name of the final linear layer.
-        tangent: ``"fused"`` (default, ``lqf_exp.tangent``: primal and tangent stacked on the batch axis through
+        tangent: ``"fused"`` (``lqf_exp.tangent``: primal and tangent stacked on the batch axis through
             per-module rules, one convolution call for both streams, the same numbers as forward-mode AD to
-            round-off) or ``"autodiff"`` (PyTorch forward-mode AD, any differentiable module). The first fused
+            round-off), ``"autodiff"`` (PyTorch forward-mode AD, any differentiable module) or ``"auto"``
+            (default: fused when every module of the linearized blocks has a rule, else autodiff). The first fused
             call is checked against forward-mode AD along a random direction, so a non-linearity the rules cannot
-            see (a functional ``F.gelu`` in some ``forward``) raises instead of giving a wrong tangent.
+            see (a functional ``F.gelu`` in some ``forward``) raises (``fused``) or switches to autodiff with a
+            warning (``auto``) instead of giving a wrong tangent.
         prefix_cache_gb: with ``linearize`` a block or ``"head"``, keep the frozen prefix's features of every input
             seen, up to this many GB (:mod:`lqf_exp.prefix_cache`), so a later pass over the same images runs only
             the linearized blocks; ``None`` (default): recompute them every time.
@@ -65,7 +71,7 @@ class LinearizedNetwork(nn.Module):
 
     def __init__(
         self, net: nn.Module, linearize: str = "all", bn_affine: str = "freeze", head_name: str = "fc",
-        tangent: str = "fused", prefix_cache_gb: float | None = None,
+        tangent: str = "auto", prefix_cache_gb: float | None = None,
     ) -> None:
         super().__init__()
         if bn_affine not in _BN_AFFINE:
@@ -102,7 +108,11 @@ class LinearizedNetwork(nn.Module):
                 names.append(name)
         if not names:
             raise ValueError(f"linearize={linearize!r} selects no parameter to train")
-        self._fused = FusedTangent(net, self.linearized_blocks) if tangent == "fused" else None
+        self._fused = FusedTangent(net, self.linearized_blocks) if tangent != "autodiff" else None
+        unsupported = self._fused.unsupported() if self._fused is not None else []
+        if unsupported and tangent == "auto":
+            log.info("tangent=auto: forward-mode AD, since %s have no fused tangent rule", unsupported)
+            self._fused = None
         prefix = [m for n, m in net.named_children() if n not in self.linearized_blocks]
         self.prefix_cache = PrefixFeatureCache(prefix_cache_gb) if prefix and prefix_cache_gb is not None else None
         self._prefix_children = prefix
@@ -253,11 +263,16 @@ class LinearizedNetwork(nn.Module):
             error = float((got - want).abs().max()) / scale
             tolerance = _CHECK_TOLERANCE.get(want.dtype, 1e-4)
             if not error <= tolerance:
-                raise RuntimeError(
+                message = (
                     f"tangent='fused' gives {what} {error:.2e} (relative) away from forward-mode AD (tolerance "
                     f"{tolerance:.0e}): the network computes something the fused rules do not see (e.g. a "
-                    "functional non-linearity inside a forward). Use method.tangent=autodiff."
+                    "functional non-linearity inside a forward)."
                 )
+                if self.tangent == "fused":
+                    raise RuntimeError(message + " Use method.tangent=autodiff or auto.")
+                log.warning("%s tangent=auto: forward-mode AD from now on.", message)
+                self._fused = None
+                break
         self._fused_checked = True
 
     def forward(self, x: Tensor) -> Tensor:

@@ -105,14 +105,18 @@ class _DualConv(torch.autograd.Function):
             out[batch:] += F.conv2d(primal, dw, db, stride, padding, dilation, groups)
         ctx.args, ctx.dual, ctx.batch = args, dual, batch
         ctx.has_db = db is not None
-        ctx.save_for_backward(primal, w0, dw)
+        # a copy of the primal half: a view would keep the whole stacked input (primal and tangent) alive until the
+        # backward pass, and the tangent half is not needed there
+        ctx.save_for_backward(primal.clone() if dual else primal, w0, dw)
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple:  # type: ignore[override]
         primal, w0, dw = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.args
-        g_t = grad[ctx.batch :].contiguous()
+        g_t = grad[ctx.batch :]
+        if not (g_t.is_contiguous() or g_t.is_contiguous(memory_format=torch.channels_last)):
+            g_t = g_t.contiguous()  # (a batch slice of either layout is already contiguous in it)
         want_z = ctx.dual and ctx.needs_input_grad[0]
         want_dw = dw is not None and ctx.needs_input_grad[1]
         want_db = dw is not None and ctx.has_db and ctx.needs_input_grad[2]
@@ -148,7 +152,7 @@ class _DualLinear(torch.autograd.Function):
         if dw is not None:
             out[batch:] += F.linear(primal, dw, db)
         ctx.dual, ctx.batch, ctx.has_db = dual, batch, db is not None
-        ctx.save_for_backward(primal, w0, dw)
+        ctx.save_for_backward(primal.clone() if dual else primal, w0, dw)  # as in _DualConv
         return out
 
     @staticmethod
@@ -195,6 +199,11 @@ class FusedTangent:
         if self._is_dual(out):
             return out[: self._batch], out[self._batch :]
         return out, torch.zeros_like(out)
+
+    def unsupported(self) -> list[str]:
+        """The leaf modules of the tangent-carrying blocks that have no fused rule (and are not linear glue)."""
+        return [f"{name} ({type(m).__name__})" for name, m in self.net.named_modules()
+                if next(m.children(), None) is None and name.split(".")[0] in self.blocks and not fused_supports(m)]
 
     # -- rules ------------------------------------------------------------------------------------------------
     def _is_dual(self, z: Tensor) -> bool:

@@ -165,6 +165,19 @@ def test_a_module_without_a_rule_on_the_tangent_is_refused() -> None:
     assert m(torch.randn(2, 3, dtype=torch.float64)).shape == (2, 2)
 
 
+def test_auto_takes_forward_mode_ad_where_the_rules_do_not_reach(caplog) -> None:
+    with_module = LinearizedNetwork(nn.Sequential(nn.Linear(3, 4), nn.GELU(), nn.Linear(4, 2)).double())
+    assert with_module._fused is None  # decided at construction: GELU has no rule
+    assert LinearizedNetwork(tiny_cnn()).tangent == "auto" and LinearizedNetwork(tiny_cnn())._fused is not None
+    functional = LinearizedNetwork(_FunctionalGelu().double(), tangent="auto")
+    reference = LinearizedNetwork(copy.deepcopy(functional.net), tangent="autodiff")
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    with caplog.at_level("WARNING", logger="lqf_exp.linearize"):
+        out = functional(x)  # the first-batch check finds the hidden non-linearity
+    assert functional._fused is None and "forward-mode AD from now on" in caplog.text
+    assert torch.equal(out, reference(x))
+
+
 def test_unknown_tangent_path_is_refused() -> None:
     with pytest.raises(ValueError, match="tangent must be one of"):
         LinearizedNetwork(tiny_cnn(), tangent="symbolic")

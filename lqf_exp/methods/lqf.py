@@ -63,7 +63,7 @@ class LQF(ClassifierModule):
         head_init: str = "probe",
         head_init_l2: float | str = "auto",
         head_init_batches: int | None = None,
-        tangent: str = "fused",
+        tangent: str = "auto",
         prefix_cache_gb: float | None = None,
     ) -> None:
         check_head_init_kind(head_init)  # fail at construction, not after the data are loaded for the fit
