@@ -72,6 +72,11 @@ def _unfolded_weight_gradient(g_t: Tensor, primal: Tensor, shape: torch.Size, ar
     return (grads.t() @ rows).view(shape)
 
 
+def _zeros_like(t: Tensor) -> Tensor:
+    """Zeros shaped like ``t`` without writing them: ``cat`` reads the broadcast scalar."""
+    return t.new_zeros(()).expand_as(t)
+
+
 def _autocast(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
     """Under autocast, the inputs of a fused convolution/linear cast to the autocast dtype *outside* the autograd
     function (the casts are differentiable, so δ's gradient comes back in δ's dtype): its backward runs without
@@ -96,13 +101,15 @@ class _DualConv(torch.autograd.Function):
         primal = z[:batch]
         if dual:
             out = F.conv2d(z, w0, None, stride, padding, dilation, groups)
+            if dw is not None:
+                out[batch:] += F.conv2d(primal, dw, db, stride, padding, dilation, groups)
         else:  # the tangent of the input is zero: the tangent half is the δ term alone
             p_out = F.conv2d(primal, w0, None, stride, padding, dilation, groups)
-            out = torch.cat([p_out, torch.zeros_like(p_out)])
+            t_out = (F.conv2d(primal, dw, db, stride, padding, dilation, groups) if dw is not None
+                     else _zeros_like(p_out))
+            out = torch.cat([p_out, t_out])
         if b0 is not None:
             out[:batch] += b0.view(1, -1, 1, 1)
-        if dw is not None:
-            out[batch:] += F.conv2d(primal, dw, db, stride, padding, dilation, groups)
         ctx.args, ctx.dual, ctx.batch = args, dual, batch
         ctx.has_db = db is not None
         # a copy of the primal half: a view would keep the whole stacked input (primal and tangent) alive until the
@@ -130,7 +137,7 @@ class _DualConv(torch.autograd.Function):
             g_in, grad_dw, grad_db = torch.ops.aten.convolution_backward(
                 g_t, primal, w0, [w0.shape[0]] if want_db else None, stride, padding, dilation, False, [0, 0],
                 groups, [want_z, want_dw, want_db])
-        grad_z = torch.cat([torch.zeros_like(g_in), g_in]) if want_z else None
+        grad_z = torch.cat([_zeros_like(g_in), g_in]) if want_z else None
         return grad_z, grad_dw, grad_db, None, None, None, None
 
 
@@ -144,13 +151,13 @@ class _DualLinear(torch.autograd.Function):
         primal = z[:batch]
         if dual:
             out = F.linear(z, w0)
+            if dw is not None:
+                out[batch:] += F.linear(primal, dw, db)
         else:
             p_out = F.linear(primal, w0)
-            out = torch.cat([p_out, torch.zeros_like(p_out)])
+            out = torch.cat([p_out, F.linear(primal, dw, db) if dw is not None else _zeros_like(p_out)])
         if b0 is not None:
             out[:batch] += b0
-        if dw is not None:
-            out[batch:] += F.linear(primal, dw, db)
         ctx.dual, ctx.batch, ctx.has_db = dual, batch, db is not None
         ctx.save_for_backward(primal.clone() if dual else primal, w0, dw)  # as in _DualConv
         return out
@@ -162,7 +169,7 @@ class _DualLinear(torch.autograd.Function):
         grad_z = grad_dw = grad_db = None
         if ctx.dual and ctx.needs_input_grad[0]:
             g_in = g_t @ w0.to(g_t.dtype)
-            grad_z = torch.cat([torch.zeros_like(g_in), g_in])
+            grad_z = torch.cat([_zeros_like(g_in), g_in])
         if dw is not None:
             g2, p2 = g_t.reshape(-1, g_t.shape[-1]), primal.reshape(-1, primal.shape[-1])
             if ctx.needs_input_grad[1]:
@@ -299,9 +306,13 @@ class FusedTangent:
         if not self._is_dual(z):
             return type(module).forward(module, z)
         zv = z.view(2, self._batch, *z.shape[1:])
-        positive = zv[0] > 0
-        factor = positive.to(z.dtype) if slope == 0.0 else torch.where(positive, z.new_ones(()), z.new_full((), slope))
-        return (zv * factor).view(z.shape)
+        # Both halves times the primal's slope mask in one kernel: the activation's own backward op, with the
+        # stacked tensor as "gradient" (primal·mask = activation(primal); tangent·mask = its JVP). The mask holds no
+        # gradient, hence the detached primal.
+        mask_of = zv[0].detach().unsqueeze(0)
+        if slope == 0.0:
+            return torch.ops.aten.threshold_backward(zv, mask_of, 0.0).view(z.shape)
+        return torch.ops.aten.leaky_relu_backward(zv, mask_of, slope, False).view(z.shape)
 
     def _max_pool(self, module: nn.MaxPool2d, z: Tensor) -> Tensor:
         if not self._is_dual(z):
