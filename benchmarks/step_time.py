@@ -9,7 +9,7 @@ Example::
 
 One LQF variant per (``--linearize``, ``--tangent``) pair, named ``lqf[all,fused]``, ``lqf[layer4,autodiff]``...
 ``--precision``, ``--channels-last`` and ``--compile`` apply to every method, fine-tuning included; ``--no-unfold``
-only changes the fused tangent path (``lqf_exp.tangent.UNFOLD_MAX_POSITIONS = 0``: oneDNN's weight gradient
+only changes the fused tangent path (``lqf_exp.tangent_ops.UNFOLD_MAX_POSITIONS = 0``: oneDNN's weight gradient
 everywhere, as stock fine-tuning does), so comparing a run with and without it shows how much of the fused
 LQF/fine-tune ratio is the unfold weight-gradient schedule.
 
@@ -41,7 +41,7 @@ import torchvision
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import lqf_exp.tangent as tangent_module  # noqa: E402
+import lqf_exp.tangent_ops as tangent_ops  # noqa: E402
 from lqf_exp.linearize import TANGENT_PATHS, LinearizedNetwork  # noqa: E402
 
 ALPHA = 15.0  # MSE target scale of the paper
@@ -67,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--channels-last", action="store_true", help="network and input in torch.channels_last")
     p.add_argument("--compile", action="store_true", help="torch.compile each method's forward module")
     p.add_argument("--no-unfold", action="store_true",
-                   help="fused path: lqf_exp.tangent.UNFOLD_MAX_POSITIONS = 0 (oneDNN weight gradients everywhere)")
+                   help="fused path: lqf_exp.tangent_ops.UNFOLD_MAX_POSITIONS = 0 (oneDNN weight gradients everywhere)")
     p.add_argument("--prefix-cache", action="store_true",
                    help="LQF variants with a frozen prefix (linearize=<block>) serve its features from "
                         "lqf_exp.prefix_cache after the first step: the cost per pass after the first")
@@ -313,7 +313,7 @@ def machine(device: str) -> str:
 
 
 def header(args: argparse.Namespace) -> Iterator[str]:
-    unfold = "off (--no-unfold)" if args.no_unfold else f"<= {tangent_module.UNFOLD_MAX_POSITIONS} positions"
+    unfold = "off (--no-unfold)" if args.no_unfold else f"<= {tangent_ops.UNFOLD_MAX_POSITIONS} positions"
     yield (f"{args.model} {args.image_size}px batch {args.batch} {args.dtype} on {args.device}, "
            f"torch {torch.__version__}")
     yield (f"machine: {machine(args.device)}; threads {torch.get_num_threads()}; precision {args.precision}; "
@@ -340,7 +340,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.no_unfold:
-        tangent_module.UNFOLD_MAX_POSITIONS = 0
+        tangent_ops.UNFOLD_MAX_POSITIONS = 0
     if args.mem_only is not None:
         mem_only(args)
         return

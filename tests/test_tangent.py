@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
-import lqf_exp.tangent as tangent_module
+import lqf_exp.tangent_ops as tangent_ops
 from lqf_exp.linearize import LinearizedNetwork
 from lqf_exp.models import SmallResNet
 from lqf_exp.tangent import UnsupportedModuleError
@@ -111,11 +111,11 @@ def test_unfolded_weight_gradient_equals_the_convolution_backward(monkeypatch) -
         return list(torch.autograd.grad(((primal + tangent) ** 2).sum(), fused.delta_list()))
 
     taken = []
-    original = tangent_module._unfolded_weight_gradient
-    monkeypatch.setattr(tangent_module, "_unfolded_weight_gradient", lambda *a: taken.append(1) or original(*a))
+    original = tangent_ops._unfolded_weight_gradient
+    monkeypatch.setattr(tangent_ops, "_unfolded_weight_gradient", lambda *a: taken.append(1) or original(*a))
     unfolded = gradients()
     assert len(taken) >= 4  # layer3 and layer4 convolutions
-    monkeypatch.setattr(tangent_module, "UNFOLD_MAX_POSITIONS", 0)
+    monkeypatch.setattr(tangent_ops, "UNFOLD_MAX_POSITIONS", 0)
     taken.clear()
     reference = gradients()
     assert not taken
