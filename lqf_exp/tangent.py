@@ -65,6 +65,9 @@ class FusedTangent:
         self.net = net
         self.blocks = list(blocks)
         self._batch = 0
+        # the leaves that can see the stacked tensor, found once (the rules are installed on every call)
+        self._leaves = [(name, m) for name, m in net.named_modules()
+                        if next(m.children(), None) is None and name.split(".")[0] in self.blocks]
 
     def __call__(self, x: Tensor, tangent_of: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
         """``(f(x; w0), J(x; w0)·v)``, the second differentiable in the tangents; ``tangent_of`` maps a parameter
@@ -78,8 +81,7 @@ class FusedTangent:
 
     def unsupported(self) -> list[str]:
         """The leaf modules of the tangent-carrying blocks that have no fused rule (and are not linear glue)."""
-        return [f"{name} ({type(m).__name__})" for name, m in self.net.named_modules()
-                if next(m.children(), None) is None and name.split(".")[0] in self.blocks and not fused_supports(m)]
+        return [f"{name} ({type(m).__name__})" for name, m in self._leaves if not fused_supports(m)]
 
     # -- rules ------------------------------------------------------------------------------------------------
     def _is_dual(self, z: Tensor) -> bool:
@@ -89,9 +91,7 @@ class FusedTangent:
     def _rules(self, tangent_of: Mapping[str, Tensor]) -> Iterator[None]:
         patched = []
         try:
-            for name, module in self.net.named_modules():
-                if next(module.children(), None) is not None or name.split(".")[0] not in self.blocks:
-                    continue
+            for name, module in self._leaves:
                 rule = self._rule_for(name, module, tangent_of)
                 if rule is not None:
                     module.forward = rule  # type: ignore[method-assign]  # instance attribute shadows the class's
