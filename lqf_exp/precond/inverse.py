@@ -96,16 +96,6 @@ class KroneckerInverse:
         return self.with_damping(self.damping)
 
     @property
-    def low_rank(self) -> bool:
-        """Whether :meth:`apply` may use the low-rank form (it does when that is cheaper: :attr:`plan`)."""
-        return self._low_rank
-
-    @low_rank.setter
-    def low_rank(self, value: bool) -> None:
-        self._low_rank = bool(value)
-        self.with_damping(self.damping)
-
-    @property
     def scale(self) -> Tensor:
         """``1/(s + γ)`` in the bases' dtype (computed on request; :meth:`apply` uses its cached forms)."""
         return (1.0 / (self.eigenvalues + self.damping)).to(self.Q_A.dtype)
