@@ -49,7 +49,13 @@ def _conv_args(module: nn.Conv2d) -> tuple:
 
 
 def fused_supports(module: nn.Module) -> bool:
-    """Whether ``module`` (a leaf) has a fused tangent rule or is linear glue that needs none."""
+    """Whether ``module`` (a leaf) has a fused tangent rule or is linear glue that needs none (the variants the rules
+    refuse — non-zero padding modes, max-pool returning indices — count as unsupported, so ``tangent=auto`` falls
+    back instead of raising)."""
+    if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
+        return False
+    if isinstance(module, nn.MaxPool2d) and module.return_indices:
+        return False
     return isinstance(module, _RULED + _LINEAR_PASSTHROUGH)
 
 

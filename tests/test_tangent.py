@@ -168,6 +168,8 @@ def test_a_module_without_a_rule_on_the_tangent_is_refused() -> None:
 def test_auto_takes_forward_mode_ad_where_the_rules_do_not_reach(caplog) -> None:
     with_module = LinearizedNetwork(nn.Sequential(nn.Linear(3, 4), nn.GELU(), nn.Linear(4, 2)).double())
     assert with_module._fused is None  # decided at construction: GELU has no rule
+    reflect = nn.Sequential(nn.Conv2d(3, 2, 3, padding=1, padding_mode="reflect"), nn.Flatten(), nn.Linear(32, 2))
+    assert LinearizedNetwork(reflect.double())._fused is None  # a variant the conv rule refuses
     assert LinearizedNetwork(tiny_cnn()).tangent == "auto" and LinearizedNetwork(tiny_cnn())._fused is not None
     functional = LinearizedNetwork(_FunctionalGelu().double(), tangent="auto")
     reference = LinearizedNetwork(copy.deepcopy(functional.net), tangent="autodiff")
