@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from lqf_exp.per_sample_jacobian import hook_jacobian, hook_jacobian_supported
 from lqf_exp.prefix_cache import PrefixFeatureCache
 from lqf_exp.tangent import FusedTangent
 
@@ -282,7 +283,13 @@ class LinearizedNetwork(nn.Module):
 
     def jacobian(self, x: Tensor) -> Tensor:
         """The per-sample Jacobian ``J(x; w0)`` with respect to the δs, ``[B, C, P]`` (P = all δ entries, in the
-        order of :meth:`delta_list`), by reverse mode vectorized over the batch (``torch.func``)."""
+        order of :meth:`delta_list`): by layer hooks (one backward pass per class,
+        :mod:`lqf_exp.per_sample_jacobian`) where every δ belongs to a Linear/Conv2d layer, else by reverse mode
+        vectorized over the batch (``torch.func``)."""
+        if hook_jacobian_supported(self.net, self._names):
+            start = None if self.linearize == "all" else self.net.get_submodule(self.linearized_blocks[0])
+            with torch.autocast(x.device.type, enabled=False):
+                return hook_jacobian(self.net, self._names, x, start=start)
         params = dict(self.net.named_parameters())
         point = {n: params[n].detach() for n in self._names}
 
