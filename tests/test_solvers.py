@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -107,11 +108,15 @@ def test_sgd_with_too_large_a_step_is_declared_diverged() -> None:
 
 def test_stopping_rule_stops_on_quiet_passes_and_on_the_gradient() -> None:
     rule = StoppingRule(rel_gap=1e-2, patience=2)
-    for value in (10.0, 5.0, 2.5):  # halving: rate 0.5, estimated gap 2.5/(7.5 + 2.5) = 0.25
+    for value in (10.0, 5.0, 2.5):  # halving once more: geometric or a 1/k power tail, which never ends
         assert not rule.update(value, None, "")
-    assert rule.estimated_gap() == pytest.approx(0.25)
-    assert not rule.update(2.49, None, "")  # rate 0.004: estimated gap 4e-5, quiet once
-    assert rule.update(2.48999, None, "")  # quiet twice: converged
+    assert rule.estimated_gap() == 1.0
+    for value in (1.25, 0.625):  # four halvings: geometric 0.625, power tail 0.625·4/(log2/log(4/3) − 1)
+        assert not rule.update(value, None, "")
+    tail = 0.625 * 4 / (math.log(2) / math.log(4 / 3) - 1)
+    assert rule.estimated_gap() == pytest.approx(tail / (9.375 + tail))
+    assert not rule.update(0.62, None, "")  # tiny decreases: quiet once
+    assert rule.update(0.6199, None, "")  # quiet twice: converged
     gradient_rule = StoppingRule(grad_norm=1e-3)
     assert not gradient_rule.update(1.0, 100.0, "")
     assert gradient_rule.update(0.9, 0.05, "")
@@ -119,6 +124,15 @@ def test_stopping_rule_stops_on_quiet_passes_and_on_the_gradient() -> None:
     for value in (3.0, 2.0, 1.0):
         capped.update(value, None, "")
     assert capped.exhausted()
+
+
+def test_gap_estimate_is_not_fooled_by_a_sublinear_tail() -> None:
+    """L_k − L* = 1/√(k+1): a geometric extrapolation of the last decreases claims < 1% at k = 100 (true: 10%)."""
+    rule = StoppingRule()
+    for k in range(101):
+        rule.update((k + 1) ** -0.5, None, "")
+    true_gap = 101**-0.5 / 1.0
+    assert 0.5 * true_gap < rule.estimated_gap() < 1.5 * true_gap
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), 1e9])

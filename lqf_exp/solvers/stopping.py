@@ -18,12 +18,9 @@ class StoppingRule:
     """Decides after each pass over the data whether the solve has converged, failed, or goes on.
 
     Converged when, for ``patience`` consecutive passes, the estimated remaining gap relative to the whole
-    decrease, ``(L_k − L*) / (L_0 − L*)``, is below ``rel_gap``; or at once when ``‖∇L‖/‖∇L_0‖ ≤ grad_norm``
-    (checked only where the gradient is known). The estimate assumes the linear convergence the last two passes
-    show: with decreases ``d_k = L_{k-1} − L_k`` and rate ``ρ = d_k/d_{k-1}`` (at most 0.99),
-    ``L_k − L* ≈ d_k ρ/(1−ρ)``;
-    a pass that raised L estimates nothing. Diverged when L is not finite or exceeds ``divergence × L_0``.
-    ``max_epochs`` caps the passes of one solve.
+    decrease, ``(L_k − L*) / (L_0 − L*)``, is below ``rel_gap`` (:meth:`estimated_gap`); or at once when
+    ``‖∇L‖/‖∇L_0‖ ≤ grad_norm`` (checked only where the gradient is known). Diverged when L is not finite or
+    exceeds ``divergence × L_0``. ``max_epochs`` caps the passes of one solve.
     """
 
     rel_gap: float = 1e-2
@@ -90,15 +87,32 @@ class StoppingRule:
         return (self.objectives[-2] - self.objectives[-1]) / total if total > 0 else -1.0
 
     def estimated_gap(self) -> float | None:
-        """``(L_k − L*)/(L_0 − L*)`` estimated from the last two decreases; None when they do not allow it."""
-        if len(self.objectives) < 3:
+        """``(L_k − L*)/(L_0 − L*)`` estimated from the decreases over the last two windows of ``w = k//4`` passes
+        (one pass while k < 8); None when they do not allow it (a rise, no progress yet).
+
+        The remaining decrease is extrapolated two ways and the larger is kept: geometrically (the rate of the last
+        window against the one before, at most 0.99), and as a power-law tail ``d_j ∝ j^{-p}`` with ``p`` from the
+        same two windows (infinite for ``p ≤ 1``). Preconditioned CG on an ill-conditioned quadratic converges
+        sublinearly for long stretches: on digits at λ = 1 the geometric rule alone declared a 1% gap when the
+        true one was 4%. The power-law tail costs one to two passes on a problem that converges linearly.
+        """
+        passes = len(self.objectives) - 1
+        if passes < 2:
             return None
-        before, last = self.objectives[-3] - self.objectives[-2], self.objectives[-2] - self.objectives[-1]
+        width = max(1, passes // 4)
+        values = self.objectives
+        before = values[passes - 2 * width] - values[passes - width]
+        last = values[passes - width] - values[passes]
         if last < 0 or before <= 0:
             return None
         rate = min(last / before, 0.99)
         remaining = last * rate / (1.0 - rate)
-        done = self.objectives[0] - self.objectives[-1]
+        if last > 0:
+            exponent = math.log(before / last) / math.log(passes / (passes - width))
+            remaining = max(remaining, math.inf if exponent <= 1 else last / width * passes / (exponent - 1))
+        done = values[0] - values[passes]
+        if math.isinf(remaining):
+            return 1.0
         return remaining / (done + remaining) if done + remaining > 0 else 0.0
 
     def exhausted(self) -> bool:
