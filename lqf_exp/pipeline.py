@@ -56,11 +56,29 @@ def _final_metrics(fit_metrics: dict[str, Any], test_metrics: dict[str, Any]) ->
     return {key: float(value) for key, value in sorted(merged.items()) if key.startswith(("val/", "test/"))}
 
 
-def _print_summary(factors: dict[str, Any], metrics: dict[str, float], output_dir: Path) -> None:
+def solve_status_line(solve: dict[str, Any]) -> str:
+    """One line on how an LQF solve ended; a capped solve says so with its estimated gap and gradient ratio."""
+    unit = "iterations on the Jacobian cache" if solve.get("in_memory") else "passes"
+    ratio = solve.get("grad_ratio")
+    ratio_text = "unknown" if ratio is None else f"{ratio:.1e}"
+    if solve.get("status") == "capped":
+        gap = solve.get("estimated_gap")
+        return (f"NOT CONVERGED: the LQF solve stopped at its cap after {solve.get('epochs')} {unit} (estimated gap "
+                f"{'unknown' if gap is None else f'{gap:.1e}'}, ‖∇L‖/‖∇L(0)‖ = {ratio_text}); raise "
+                "method.stop.max_epochs or see benchmarks/README.md")
+    how = "closed form (dual system)" if solve.get("exact") else f"{solve.get('epochs')} {unit}"
+    return (f"LQF solve {solve.get('status')}: {how}, λ = {solve.get('weight_decay')}, "
+            f"‖∇L‖/‖∇L(0)‖ = {ratio_text}")
+
+
+def _print_summary(factors: dict[str, Any], metrics: dict[str, float], output_dir: Path,
+                   solve: dict[str, Any] | None = None) -> None:
     rows = [("run", " ".join(f"{k}={v}" for k, v in factors.items()))]
     rows += [(key, f"{value:.4f}") for key, value in metrics.items()]
     width = max(len(key) for key, _ in rows)
     print("\n".join(f"{key:<{width}}  {value}" for key, value in rows))
+    if solve:
+        print(solve_status_line(solve))
     if "test/acc" in metrics:
         print(f"Final test accuracy: {metrics['test/acc']:.4f}   (results in {output_dir / METRICS_FILE})")
 
@@ -143,7 +161,7 @@ def _train_and_test(
     payload.update(module.run_summary())
     if trainer.is_global_zero:
         atomic_write_json(output_dir / METRICS_FILE, payload)
-        _print_summary(factors, metrics, output_dir)
+        _print_summary(factors, metrics, output_dir, payload.get("solver"))
     return payload
 
 

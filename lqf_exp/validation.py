@@ -70,6 +70,7 @@ RULES: tuple[Rule, ...] = (
     Rule("method.bn_affine", lambda v: v in ("freeze", "linearize"), "one of freeze, linearize"),
     Rule("method.tangent", lambda v: v in ("auto", "fused", "autodiff"), "one of auto, fused, autodiff"),
     Rule("method.prefix_cache_gb", lambda v: v is None or (_is_number(v) and v > 0), "null or a number > 0 (GB)"),
+    Rule("method.jacobian_cache_gb", lambda v: v is None or (_is_number(v) and v > 0), "null or a number > 0 (GB)"),
     Rule("task.name", lambda v: v in ("finetune", "pretrain", "online"), "one of finetune, pretrain, online"),
     Rule("task.steps", lambda v: v is None or (isinstance(v, int) and v >= 1), "an integer >= 1 (task=online)"),
 )

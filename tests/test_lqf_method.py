@@ -136,3 +136,19 @@ def test_one_shot_chooses_penalties_on_validation_not_leave_one_out(make_cfg, tm
     selection = metrics["solver"]["weight_decay_selection"]
     assert selection["method"] == "validation path" and "too few to leave one out" in selection["why"]
     assert metrics["solver"]["head_l2"] is not None
+
+
+def test_leave_one_out_run_takes_the_dual_solution_and_cache_runs_give_val_metrics(make_cfg, tmp_path: Path) -> None:
+    """λ by exact leave-one-out solves the dual system at that λ: the run takes δ* = Jᵀu (no iteration) and its
+    objective is L* itself; a run solved on the Jacobian cache still validates, tests and checkpoints."""
+    common = ["logger=none", "data.shots=3", "data.batch_size=16", "model.weights=null"]
+    exact = run(make_cfg([*common], tmp_path / "exact"))
+    solve = exact["solver"]
+    assert solve["exact"] and solve["status"] == "converged" and solve["epochs"] == 0
+    assert solve["weight_decay_selection"]["method"] == "leave-one-out" and solve["jacobian_cache"]["used"]
+    assert abs(solve["gap"]) < 1e-6
+    assert {"val/acc", "test/acc"} <= set(exact["metrics"])
+    fixed = run(make_cfg([*common, "method.weight_decay=1e-2"], tmp_path / "fixed"))
+    assert fixed["solver"]["in_memory"] and fixed["solver"]["status"] == "converged"
+    assert {"val/acc", "test/acc"} <= set(fixed["metrics"])
+    assert (tmp_path / "fixed" / "checkpoints" / "last.ckpt").is_file()

@@ -19,10 +19,12 @@ from .conftest import REPO_ROOT
 
 pytestmark = pytest.mark.slow
 
-# A small solve that runs its full 6 passes (the tolerance is unreachable) with a fixed λ.
+# A small solve that runs its full 6 passes (the tolerance is unreachable) with a fixed λ, through network passes
+# (a solve on the Jacobian cache ends within its first epoch: nothing to kill mid-way).
 ARGS = [
-    "logger=csv", "data.shots=10", "data.batch_size=32", "method.weight_decay=1e-2", "method.stop.rel_gap=1e-9",
-    "method.stop.max_epochs=6", "trainer.max_epochs=6", "callbacks.progress_bar.refresh_rate=0",
+    "logger=csv", "method.jacobian_cache_gb=null", "data.shots=10", "data.batch_size=32", "method.weight_decay=1e-2",
+    "method.stop.rel_gap=1e-9", "method.stop.max_epochs=6", "trainer.max_epochs=6",
+    "callbacks.progress_bar.refresh_rate=0",
 ]  # fmt: skip
 
 

@@ -19,11 +19,13 @@ from torch.utils.data import DataLoader, Subset
 
 from lqf_exp.curvature import CurvatureTargets, Preconditioner
 from lqf_exp.head_init import check_head_init_kind, fit_validated_head, init_head
+from lqf_exp.jacobian_cache import JacobianCache, jacobian_cache_refusal
 from lqf_exp.linearize import LinearizedNetwork
 from lqf_exp.losses import ClassificationLoss
 from lqf_exp.methods.base import ClassifierModule
 from lqf_exp.methods.lqf_setup import choose_weight_decay, leave_one_out_refusal, parse_weight_decay
 from lqf_exp.solvers import Evaluation, LQFObjective, SolveController, Solver, StoppingRule, WeightDecaySelection
+from lqf_exp.solvers.objective import unflatten
 
 # The run factors that rebuild w0; a checkpoint linearized around another w0 is refused.
 W0_SOURCE_KEYS = ("model", "weights", "pooling", "activation")
@@ -65,6 +67,7 @@ class LQF(ClassifierModule):
         head_init_batches: int | None = None,
         tangent: str = "auto",
         prefix_cache_gb: float | None = None,
+        jacobian_cache_gb: float | None = None,
     ) -> None:
         check_head_init_kind(head_init)  # fail at construction, not after the data are loaded for the fit
         self.requested_weight_decay = parse_weight_decay(weight_decay, "method.weight_decay")
@@ -84,6 +87,13 @@ class LQF(ClassifierModule):
         self.objective: LQFObjective | None = None
         self._pending: dict[str, Any] | None = None
         self.head_smoother: Any = None
+        if jacobian_cache_gb is not None and not jacobian_cache_gb > 0:
+            raise ValueError(f"invalid method.jacobian_cache_gb={jacobian_cache_gb!r}: expected a size > 0 in GB, "
+                             "or null to always run the solve through network passes")
+        self.jacobian_cache_gb = jacobian_cache_gb
+        self.jacobian_cache: JacobianCache | None = None
+        self.cache_record: dict[str, Any] = {}
+        self.dual_solution: Tensor | None = None  # δ* (flat) when the λ selection solved the dual system
         # Persisted, so a resumed run keeps its fitted head instead of fitting a new one.
         self.register_buffer("head_ready", torch.tensor(False))
 
@@ -189,7 +199,30 @@ class LQF(ClassifierModule):
         if self.preconditioner is not None:
             self.preconditioner.set_damping_offset(self.weight_decay)
 
+    def _build_jacobian_cache(self) -> None:
+        """Store J of the training set when it fits ``jacobian_cache_gb`` (see :mod:`lqf_exp.jacobian_cache`)."""
+        params = sum(d.numel() for d in self.linearized.delta_list())
+        samples = len(self.train_data())
+        dtype = self.linearized.delta_list()[0].dtype
+        refusal = jacobian_cache_refusal(samples, self.num_classes, params, dtype, self.jacobian_cache_gb,
+                                         self.trainer.world_size, self.loss_fn.constant_curvature)
+        if refusal is None and not self.solver.uses_jacobian_cache:
+            refusal = f"solver={self.solver.name} does not run on it"
+        if refusal is not None:
+            self.cache_record = {"used": False, "why": refusal}
+            log.info("Jacobian cache off: %s; the solve runs through network passes", refusal)
+            return
+        self.jacobian_cache = JacobianCache.build(self.linearized, self.train_batches(), samples)
+        self.cache_record = {"used": True, "gigabytes": self.jacobian_cache.gigabytes,
+                             "seconds": self.jacobian_cache.seconds, "rows": samples * self.num_classes,
+                             "columns": params}
+        log.info("Jacobian cache: %d×%d (%.2f GB) in %.1f s; the solve runs on it", samples * self.num_classes,
+                 params, self.jacobian_cache.gigabytes, self.jacobian_cache.seconds)
+
     def on_fit_start(self) -> None:
+        solved = self._pending is not None and self._pending["status"] != "running"
+        if self.jacobian_cache is None and not solved:
+            self._build_jacobian_cache()
         if self.weight_decay is None:
             choose_weight_decay(self)
         assert self.weight_decay is not None
@@ -200,13 +233,34 @@ class LQF(ClassifierModule):
         if self._pending is not None:
             self.controller.load_state_dict(self._pending)
             self._pending = None
+        self.objective.attach_cache(self.jacobian_cache)
         train_size = len(self.train_data())
         self.controller.start(self.objective, train_size, self.trainer.world_size, self.evaluate)
+        if self.dual_solution is not None and self.controller.status == "running":
+            self.controller.accept_optimum(unflatten(self.dual_solution, self.objective.deltas), self.evaluate)
+            self.dual_solution = None
+
+    def _solved_without_passes(self) -> bool:
+        """The solve needs no training batches: it is finished, or it runs on the Jacobian cache."""
+        return self.controller.status != "running" or (self.objective is not None and self.objective.in_memory)
 
     def on_train_epoch_start(self) -> None:
+        if self.controller.status != "running":
+            return
+        if self.objective is not None and self.objective.in_memory:
+            self.controller.run_in_memory(self.evaluate, self.validation_loss, self.set_weight_decay)
+            self._log_pass(done=True)
+            return
         self.controller.begin_pass()
 
+
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        # A finished or in-memory solve lets the epoch's batches pass untouched (skipping them with Lightning's
+        # -1 would also skip the epoch's validation, and val/* would be missing from metrics.json).
+        if self._solved_without_passes():
+            if batch_idx == 0:  # one (empty) solver step, so that Lightning counts the epoch and checkpoints it
+                self.optimizers().step()
+            return
         images, labels = batch
         report: dict[str, Any] = {}
         # The solve runs in float32 under any trainer precision: the solvers step by an exact quadratic model of the
@@ -224,10 +278,15 @@ class LQF(ClassifierModule):
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # The pass ends here, before the epoch's validation and checkpoint, so both see the state after it.
         if batch_idx + 1 == self.trainer.num_training_batches:
-            self.end_pass()
+            if self._solved_without_passes():
+                self.trainer.should_stop = True
+            else:
+                self.end_pass()
 
     def end_pass(self) -> None:
-        done = self.controller.end_pass(self.evaluate, self.validation_loss, self.set_weight_decay)
+        self._log_pass(self.controller.end_pass(self.evaluate, self.validation_loss, self.set_weight_decay))
+
+    def _log_pass(self, done: bool) -> None:
         final = self.controller.final
         if final is not None:
             self.log("solver/objective", final.objective, on_step=False, on_epoch=True, prog_bar=True)
@@ -236,6 +295,12 @@ class LQF(ClassifierModule):
         self.log("solver/weight_decay", float(self.weight_decay or 0.0), on_step=False, on_epoch=True)
         if done:
             self.trainer.should_stop = True
+            # W&B shows how the solve ended, not only metrics.json: a capped solve is not a converged one.
+            summary = self.controller.summary()
+            self.log("solver/converged", float(summary["status"] == "converged"), on_step=False, on_epoch=True)
+            for key in ("grad_ratio", "estimated_gap"):
+                if summary.get(key) is not None:
+                    self.log(f"solver/{key}", float(summary[key]), on_step=False, on_epoch=True)
 
     def on_train_end(self) -> None:
         self.controller.certify(self.evaluate)
@@ -247,7 +312,8 @@ class LQF(ClassifierModule):
         """What metrics.json records about the solve (``solver`` entry)."""
         if self.objective is None:
             return {}
-        return {**self.controller.summary(), **self.head_record, "weight_decay_selection": self.selection_record}
+        return {**self.controller.summary(), **self.head_record, "weight_decay_selection": self.selection_record,
+                "jacobian_cache": self.cache_record}
 
     # -- checkpoints: δ + head + solver state, not a copy of w0 ----------------------------------------------
     def _rebuildable_keys(self, state_dict: dict[str, Tensor]) -> list[str]:
@@ -260,7 +326,8 @@ class LQF(ClassifierModule):
             del state[key]
         checkpoint["lqf_w0_source"] = {k: v for k, v in self.hparams.items() if k in W0_SOURCE_KEYS}
         checkpoint["lqf_solve"] = {"controller": self.controller.state_dict(), "weight_decay": self.weight_decay,
-                                   "selection": self.selection_record, "head": self.head_record}
+                                   "selection": self.selection_record, "head": self.head_record,
+                                   "jacobian_cache": self.cache_record}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         source = checkpoint.get("lqf_w0_source", {})
@@ -275,4 +342,5 @@ class LQF(ClassifierModule):
             self._pending = solve["controller"]
             self.weight_decay = solve["weight_decay"]
             self.selection_record, self.head_record = dict(solve["selection"]), dict(solve["head"])
+            self.cache_record = dict(solve.get("jacobian_cache", {}))
 

@@ -30,6 +30,10 @@ def parse_weight_decay(value: Any, key: str) -> float | None:
 def build_dual_system(module: LQF) -> tuple[DualSystem, torch.Tensor]:
     """The dual system of the training set at w0 (Jacobians by reverse mode, float64), in the training-set order,
     and the targets ``α·onehot`` of its rows."""
+    cache = module.jacobian_cache
+    if cache is not None:  # the rows are stored already: no second Jacobian pass
+        targets = module.loss_fn.targets(cache.labels, cache.base.shape[1], torch.float64)
+        return DualSystem(cache.jacobian, targets - cache.base.double()), targets
     jacobians, residuals, targets = [], [], []
     for x, y in module.train_batches():
         base = module.linearized.apply_to_base(x)
@@ -86,8 +90,9 @@ def choose_weight_decay(module: LQF) -> None:
     prior = module.head_smoother() if module.head_smoother is not None else None
     choice = system.select_weight_decay(list(selection.grid), targets, prior)
     module.set_weight_decay(choice.weight_decay)
-    _, u = system.solve(choice.weight_decay)
+    delta, u = system.solve(choice.weight_decay)
     module.controller.objective_star = system.objective(choice.weight_decay, u)
+    module.dual_solution = delta  # δ* = Jᵀu: the run takes it instead of iterating toward it
     module.solver.use_dual_system(system)
     module.selection_record = {
         "method": "leave-one-out", "weight_decay": choice.weight_decay, "grid": choice.grid,

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from lqf_exp.solvers.base import Solver
 from lqf_exp.solvers.cg import CGSolver
+from lqf_exp.solvers.deflation import KrylovSpace
 from lqf_exp.solvers.objective import Batch, Evaluation, LQFObjective, Vectors, axpy, dot
 from lqf_exp.solvers.stopping import DivergenceError
 
@@ -63,9 +64,14 @@ class AdaptiveSolver(Solver):
         max_group: the largest number of loader batches in one step (their inputs are held until the step).
         conjugate_gradient: hand over to preconditioned CG once the steps are full-batch and the loss quadratic.
         cg_tol: that phase's tolerance on ``‖∇L‖/‖∇L(handover)‖``.
+        recycle_gb: memory for the CG phases' directions, which deflate later solves of a λ path
+            (:mod:`lqf_exp.solvers.deflation`); 0 turns recycling off.
+        sketch_rank, sketch_iterations: the CG phase's sketch of the dominant subspace on the Jacobian cache
+            (:class:`~lqf_exp.solvers.cg.CGSolver`).
     """
 
     name = "adaptive"
+    uses_jacobian_cache = True
 
     def __init__(
         self,
@@ -79,6 +85,9 @@ class AdaptiveSolver(Solver):
         max_group: int = 64,
         conjugate_gradient: bool = True,
         cg_tol: float = 1e-6,
+        recycle_gb: float = 1.0,
+        sketch_rank: int = 256,
+        sketch_iterations: int = 2,
     ) -> None:
         super().__init__()
         if not (0 <= min_damping <= damping <= max_damping):
@@ -94,6 +103,9 @@ class AdaptiveSolver(Solver):
         self.decay, self.grow_below, self.max_group = float(decay), float(grow_below), int(max_group)
         self.conjugate_gradient, self.cg_tol = bool(conjugate_gradient), float(cg_tol)
         self.cg: CGSolver | None = None  # the full-batch phase of a quadratic
+        # The CG phases' directions, kept across λs of a path to deflate the later solves.
+        self.krylov_space = KrylovSpace(recycle_gb)
+        self.sketch = (int(sketch_rank), int(sketch_iterations))
         self.damping = self.initial_damping
         self.group = 1
         self.previous: Vectors | None = None
@@ -106,7 +118,8 @@ class AdaptiveSolver(Solver):
     def settings(self) -> dict[str, Any]:
         return {"solver": self.name, "momentum": self.momentum, "damping": self.initial_damping,
                 "adapt_damping": self.adapt_damping, "grow_below": self.grow_below, "max_group": self.max_group,
-                "conjugate_gradient": self.conjugate_gradient, "preconditioned": self.bound.preconditioner is not None}
+                "conjugate_gradient": self.conjugate_gradient, "sketch_rank": self.sketch[0],
+                "preconditioned": self.bound.preconditioner is not None}
 
     def bind(self, objective: LQFObjective, train_size: int, world_size: int = 1) -> None:
         super().bind(objective, train_size, world_size)
@@ -139,9 +152,13 @@ class AdaptiveSolver(Solver):
 
     def begin_epoch(self) -> None:
         self._held, self._seen = [], 0
-        full_batch = 0 < self.epoch_batches <= self.group
+        # Full-batch steps: the group covers the epoch, it has reached max_group (growing it further only trades
+        # memory for the same exact steps CG takes: a fixed cap would leave a large data set stochastic for ever),
+        # or the objective's products come from the Jacobian cache (a full batch costs no network pass).
+        full_batch = self.bound.in_memory or 0 < self.epoch_batches <= self.group or self.group >= self.max_group
         if self.cg is None and full_batch and self.conjugate_gradient and self.bound.loss.constant_curvature:
-            self.cg = CGSolver(tol=self.cg_tol)
+            self.cg = CGSolver(tol=self.cg_tol, sketch_rank=self.sketch[0], sketch_iterations=self.sketch[1],
+                               krylov_space=self.krylov_space)
             self.cg.bind(self.bound, self.train_size)
         if self.cg is not None:
             self.cg.begin_epoch()
@@ -216,5 +233,6 @@ class AdaptiveSolver(Solver):
         self.epoch_batches, self._exact_passes = int(state["epoch_batches"]), int(state["exact_passes"])
         self.cg = None
         if state["cg"] is not None:
-            self.cg = CGSolver(tol=self.cg_tol)
+            self.cg = CGSolver(tol=self.cg_tol, sketch_rank=self.sketch[0], sketch_iterations=self.sketch[1],
+                               krylov_space=self.krylov_space)
             self.cg.load_state_dict(state["cg"])

@@ -24,6 +24,9 @@ class Solver:
     name: ClassVar[str] = "solver"
     exact: ClassVar[bool] = False
     needs_constant_curvature: ClassVar[bool] = False
+    # Whether the solver can run on a Jacobian cache (full-batch products with no network pass); a mini-batch
+    # solver (sgd) cannot, so the cache is not built for it.
+    uses_jacobian_cache: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self.objective: LQFObjective | None = None

@@ -10,7 +10,9 @@ Along the iterates ``∇L(δ) = −r`` and ``L(δ) = L(δ₀) + ½ g₀ᵀe − 
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -18,7 +20,10 @@ import torch
 from torch import Tensor
 
 from lqf_exp.solvers.base import Solver
-from lqf_exp.solvers.objective import Evaluation, Vectors, axpy, dot, zeros_like
+from lqf_exp.solvers.deflation import Deflation, KrylovSpace, sketch_dominant_subspace
+from lqf_exp.solvers.objective import Evaluation, Vectors, axpy, dot, flatten, unflatten, zeros_like
+
+log = logging.getLogger(__name__)
 
 __all__ = ["CGSolver", "ConjugateGradient", "conjugate_gradient"]
 
@@ -30,12 +35,12 @@ class ConjugateGradient:
 
     def __init__(self, rhs: Vectors, precondition: MatVec) -> None:
         self.precondition = precondition
+        self.rhs_norm = math.sqrt(dot(rhs, rhs))
         self.x = zeros_like(rhs, torch.float64)
         self.r = [t.double().clone() for t in rhs]
         self.z = [t.double() for t in precondition(self.r)]
         self.p = [t.clone() for t in self.z]
         self.rz = dot(self.r, self.z)
-        self.rhs_norm = math.sqrt(dot(rhs, rhs))
         self.iterations = 0
 
     @property
@@ -91,16 +96,30 @@ class CGSolver(Solver):
 
     Args:
         tol: stop when ``‖∇L(δ)‖ ≤ tol·‖∇L(δ₀)‖`` (the CG residual).
+        recycle_gb: keep the search directions and their curvature products, up to this size, and deflate every
+            later solve (another λ of the path) by them (:mod:`lqf_exp.solvers.deflation`); 0 turns it off.
+        sketch_rank: on the Jacobian cache, first sketch this many dominant directions of ``P·H_d`` and deflate
+            every solve by them (``sketch_iterations`` subspace iterations; block products cost no network pass
+            there). 0: off. Without the cache the sketch would cost ~``rank·(iterations+1)/3`` passes: not done.
+        krylov_space: share a space with another solver (the adaptive solver's CG phase) instead.
     """
 
     name = "cg"
     needs_constant_curvature = True
+    uses_jacobian_cache = True
 
-    def __init__(self, tol: float = 1e-6) -> None:
+    def __init__(self, tol: float = 1e-6, recycle_gb: float = 1.0, sketch_rank: int = 256, sketch_iterations: int = 2,
+                 krylov_space: KrylovSpace | None = None) -> None:
         super().__init__()
         if not tol > 0:
             raise ValueError(f"solver.tol must be > 0, got {tol}")
+        if int(sketch_rank) < 0 or int(sketch_iterations) < 1:
+            raise ValueError(f"solver.sketch_rank must be >= 0 and sketch_iterations >= 1, got {sketch_rank}, "
+                             f"{sketch_iterations}")
         self.tol = float(tol)
+        self.sketch_rank, self.sketch_iterations = int(sketch_rank), int(sketch_iterations)
+        self.krylov_space = krylov_space if krylov_space is not None else KrylovSpace(recycle_gb)
+        self.deflation: Deflation | None = None  # of the current solve (its preconditioner must not change)
         self.cg: ConjugateGradient | None = None
         self.start: Vectors | None = None
         self.start_objective = 0.0
@@ -110,8 +129,38 @@ class CGSolver(Solver):
         self._count = 0
         self._state: dict[str, Any] | None = None
 
+    def _sketch(self) -> None:
+        """Seed the Krylov space with the dominant subspace of ``P·H_d`` (once, on the Jacobian cache)."""
+        objective = self.bound
+        space = self.krylov_space
+        if not (objective.in_memory and self.sketch_rank > 0 and not space.sketched):
+            return
+        started = time.perf_counter()
+        size = sum(d.numel() for d in objective.deltas)
+        basis, products = sketch_dominant_subspace(objective.data_hvp_block, objective.precondition_block, size,
+                                                   self.sketch_rank, self.sketch_iterations)
+        space.add_block(basis, products, torch.finfo(objective.deltas[0].dtype).eps)
+        space.sketched = True
+        log.info("sketched %d dominant directions of P·H in %.1f s", basis.shape[1], time.perf_counter() - started)
+
+    def _preconditioner(self) -> MatVec:
+        """The objective's preconditioner, made two-level by the directions earlier solves left (none at first)."""
+        objective = self.bound
+        self._sketch()
+        self.deflation = self.krylov_space.deflation(objective.weight_decay)
+        deflation = self.deflation
+        if deflation is None:
+            return objective.precondition
+
+        def balanced(vectors: Vectors) -> Vectors:
+            inner = lambda flat: flatten(objective.precondition(unflatten(flat, vectors))).double()  # noqa: E731
+            return unflatten(deflation.balance(inner, flatten(vectors).double()), vectors)
+
+        return balanced
+
     def settings(self) -> dict[str, Any]:
-        return {"solver": self.name, "tol": self.tol, "preconditioned": self.bound.preconditioner is not None}
+        return {"solver": self.name, "tol": self.tol, "recycle_gb": self.krylov_space.max_bytes / 2**30,
+                "sketch_rank": self.sketch_rank, "preconditioned": self.bound.preconditioner is not None}
 
     def restart(self) -> None:
         self.cg, self.start, self._state = None, None, None
@@ -124,7 +173,7 @@ class CGSolver(Solver):
         objective = self.bound
         if self.cg is None and self._state is not None:  # resumed: rebuild the iteration from the checkpoint
             device = objective.deltas[0].device
-            self.cg = ConjugateGradient.from_state(self._state["cg"], objective.precondition, device)
+            self.cg = ConjugateGradient.from_state(self._state["cg"], self._preconditioner(), device)
             self.start = [t.to(device) for t in self._state["start"]]
             self.start_gradient = [t.to(device) for t in self._state["start_gradient"]]
             self.start_objective = float(self._state["start_objective"])
@@ -134,6 +183,8 @@ class CGSolver(Solver):
     def step(self, x: Tensor, y: Tensor) -> dict[str, float]:
         objective = self.bound
         assert self._acc is not None
+        if objective.in_memory:  # the products come from the Jacobian cache at the end of the pass
+            return {}
         if self.cg is None:  # first pass: the gradient at δ₀
             grads, losses = objective.data_gradient(x, y)
             self._loss_sum += float(losses.double().sum())
@@ -149,24 +200,31 @@ class CGSolver(Solver):
         assert self._acc is not None
         device = objective.deltas[0].device
         n = float(objective.reduce_sum(torch.tensor(float(self._count), dtype=torch.float64, device=device)))
-        flat = objective.reduce_sum(torch.cat([t.reshape(-1) for t in self._acc])) / n
-        out, start = [], 0
-        for t in self._acc:
-            out.append(flat[start : start + t.numel()].view(t.shape))
-            start += t.numel()
+        flat = objective.reduce_sum(flatten(self._acc)) / n
+        out = unflatten(flat, self._acc)
         loss = float(objective.reduce_sum(torch.tensor(self._loss_sum, dtype=torch.float64, device=device))) / n
         return out, n, loss
 
     def end_epoch(self) -> Evaluation:
         objective = self.bound
-        data, _, loss = self._reduced()
         if self.cg is None:
             self.start = [d.detach().double().clone() for d in objective.deltas]
-            self.start_gradient = axpy(objective.weight_decay, self.start, data)
-            self.start_objective = loss + objective.penalty(self.start)
-            self.cg = ConjugateGradient([-g for g in self.start_gradient], objective.precondition)
+            if objective.in_memory:
+                start = objective.evaluate((), gradient=True)
+                assert start.gradient is not None
+                self.start_gradient, self.start_objective = start.gradient, start.objective
+            else:
+                data, _, loss = self._reduced()
+                self.start_gradient = axpy(objective.weight_decay, self.start, data)
+                self.start_objective = loss + objective.penalty(self.start)
+            self.cg = ConjugateGradient([-g for g in self.start_gradient], self._preconditioner())
         else:
-            hp = axpy(objective.weight_decay, self.cg.direction(), data)
+            if objective.in_memory:
+                hp = objective.hvp((), self.cg.direction())
+            else:
+                hp = axpy(objective.weight_decay, self.cg.direction(), self._reduced()[0])
+            self.krylov_space.add(flatten(self.cg.direction()), flatten(hp), objective.weight_decay,
+                                  torch.finfo(objective.deltas[0].dtype).eps)
             if not self.converged:
                 self.cg.advance(hp)
         assert self.start is not None and self.start_gradient is not None
@@ -178,7 +236,9 @@ class CGSolver(Solver):
         return Evaluation(value, gradient)
 
     def state_dict(self) -> dict[str, Any]:
-        if self.cg is None:
+        if self.cg is None or self.deflation is not None:
+            # A deflated solve's preconditioner depends on the recycled space, which checkpoints do not hold (its
+            # size); a resumed run restarts CG from the saved δ instead of going on with another preconditioner.
             return {"cg": None}
         assert self.start is not None and self.start_gradient is not None
         return {"cg": self.cg.state_dict(), "start": [t.cpu() for t in self.start],

@@ -6,16 +6,20 @@ with plain loops. Everything a resumed run needs to end at the same answer is in
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from lqf_exp.solvers.base import Solver
 from lqf_exp.solvers.objective import Evaluation, LQFObjective
 from lqf_exp.solvers.stopping import StoppingRule
 from lqf_exp.solvers.weight_decay import ValidationPath
+
+log = logging.getLogger(__name__)
 
 __all__ = ["SolveController"]
 
@@ -41,6 +45,8 @@ class SolveController:
         self.eval_passes = 0
         self.final: Evaluation | None = None
         self.objective_star: float | None = None  # L* when an exact (dual) solve gave it
+        self.in_memory = False  # the solve ran on the Jacobian cache (passes are iterations on the stored J)
+        self.exact = False  # δ* was taken from the dual system's closed form
         # One row per recorded point: pass count, λ, objective, gradient norm (when known), seconds since the start.
         self.history: list[dict[str, float | None]] = []
         self._clock = time.perf_counter()
@@ -97,18 +103,63 @@ class SolveController:
         if not (converged or self.stop.exhausted()):
             return False
         assert self.objective is not None
-        if not path.record(validation_loss(), report.objective, self.stop.epochs, self.objective.deltas):
-            # The path has ranked its λs: solve the best one on, from its path solution, to full tolerance.
-            path.done = True
-            self.stop.rel_gap, self.stop.max_epochs = self.tolerance
-            self._restore_best()
-        self._restart(set_weight_decay, evaluate, path.best["weight_decay"] if path.done else path.current)
+        if path.record(validation_loss(), report.objective, self.stop.epochs, self.objective.deltas, converged):
+            self._restart(set_weight_decay, evaluate, path.current)
+            return False
+        # The path has ranked its λs. Its best solution is the answer when it was solved to the method's own
+        # tolerance; otherwise (a looser path) solve it on, from there, to full tolerance.
+        path.done = True
+        self.stop.rel_gap, self.stop.max_epochs = self.tolerance
+        self._restore_best()
+        best = path.best
+        if best.get("converged", False) and path.rel_gap <= self.tolerance[0]:
+            set_weight_decay(best["weight_decay"])
+            self.final = evaluate(True)
+            self.eval_passes += 1
+            self.history.append({"epoch": float(self.epochs), "weight_decay": best["weight_decay"],
+                                 "objective": self.final.objective, "grad_norm": self.final.grad_norm,
+                                 "seconds": self._elapsed + time.perf_counter() - self._clock})
+            self.status = "converged"
+            return True
+        self._restart(set_weight_decay, evaluate, best["weight_decay"])
         return False
+
+    def run_in_memory(self, evaluate: Evaluate, validation_loss: Callable[[], float],
+                      set_weight_decay: Callable[[float], None]) -> None:
+        """The whole solve, path included, when the objective's products come from the Jacobian cache: each of the
+        solver's "passes" is then one iteration on the stored matrix, with no network pass and no data loader."""
+        assert self.objective is not None and self.objective.in_memory
+        self.in_memory = True
+        while True:
+            self.begin_pass()
+            done = self.end_pass(evaluate, validation_loss, set_weight_decay)
+            row = self.history[-1]
+            if done or self.epochs % 10 == 0:  # progress: no Lightning pass reports it
+                log.info("in-memory solve: iteration %d, λ = %g, objective %.6g, %.0f s", self.epochs,
+                         row["weight_decay"], row["objective"], row["seconds"])
+            if done:
+                return
+
+    def accept_optimum(self, delta: Sequence[Tensor], evaluate: Evaluate) -> None:
+        """δ* known in closed form (the dual system that chose λ solved it): take it; the solve is done."""
+        assert self.objective is not None
+        with torch.no_grad():
+            for target, value in zip(self.objective.deltas, delta, strict=True):
+                target.copy_(value.to(target))
+        self.final = evaluate(True)
+        self.eval_passes += 1
+        self.history.append({"epoch": float(self.epochs), "weight_decay": self.objective.weight_decay,
+                             "objective": self.final.objective, "grad_norm": self.final.grad_norm,
+                             "seconds": self._elapsed + time.perf_counter() - self._clock})
+        self.status, self.exact = "converged", True
 
     def _restart(self, set_weight_decay: Callable[[float], None], evaluate: Evaluate, weight_decay: float) -> None:
         set_weight_decay(weight_decay)
         self.solver.restart()
-        self.stop.reset()
+        # The gap of every solve is measured from δ = 0, where L and ∇L do not depend on λ (the penalty vanishes):
+        # relative to its own warm start, a later λ would have to reach a far smaller absolute gap than the first.
+        first = self.history[0]
+        self.stop.reset((float(first["objective"]), first["grad_norm"]))
         self._record(evaluate(True))
         self.eval_passes += 1
 
@@ -129,7 +180,8 @@ class SolveController:
         """What metrics.json records about the solve."""
         assert self.objective is not None
         final = self.final
-        start = self.stop.objectives[0] if self.stop.objectives else None
+        start = self.history[0]["objective"] if self.history else None  # at δ = 0 (the same for every λ)
+        start_grad = self.history[0]["grad_norm"] if self.history else None
         out: dict[str, Any] = {
             **self.solver.settings(),
             "status": self.status,
@@ -137,10 +189,16 @@ class SolveController:
             "objective": None if final is None else final.objective,
             "objective_start": start,
             "grad_norm": None if final is None else final.grad_norm,
-            "grad_norm_start": self.stop.grad_norms[0] if self.stop.grad_norms else None,
+            "grad_norm_start": start_grad,
             "epochs": self.epochs,
             "eval_passes": self.eval_passes,
+            "in_memory": self.in_memory,
+            "exact": self.exact,
         }
+        if self.status == "capped":
+            out["estimated_gap"] = self.stop.estimated_gap()
+        if final is not None and final.grad_norm is not None and out["grad_norm_start"]:
+            out["grad_ratio"] = final.grad_norm / out["grad_norm_start"]
         if self.objective_star is not None and final is not None and start is not None:
             out["objective_star"] = self.objective_star
             out["gap"] = (final.objective - self.objective_star) / max(start - self.objective_star, 1e-300)
@@ -151,6 +209,7 @@ class SolveController:
 
     def state_dict(self) -> dict[str, Any]:
         return {"solver": self.solver.state_dict(), "stop": self.stop.state_dict(), "status": self.status,
+                "in_memory": self.in_memory, "exact": self.exact,
                 "epochs": self.epochs, "eval_passes": self.eval_passes, "objective_star": self.objective_star,
                 "path": None if self.path is None else self.path.state_dict(), "history": self.history}
 
@@ -159,6 +218,7 @@ class SolveController:
         self.stop.load_state_dict(state["stop"])
         self.status, self.epochs, self.eval_passes = state["status"], int(state["epochs"]), int(state["eval_passes"])
         self.objective_star = state["objective_star"]
+        self.in_memory, self.exact = bool(state.get("in_memory", False)), bool(state.get("exact", False))
         self.path = None if state["path"] is None else ValidationPath.from_state(state["path"])
         self.history = [dict(row) for row in state["history"]]
         self._elapsed = float(self.history[-1]["seconds"] or 0.0) if self.history else 0.0

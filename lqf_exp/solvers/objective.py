@@ -18,13 +18,14 @@ import torch
 from torch import Tensor
 
 from lqf_exp.curvature import Preconditioner
+from lqf_exp.jacobian_cache import JacobianCache
 from lqf_exp.linearize import LinearizedNetwork
 from lqf_exp.losses import ClassificationLoss
 
 Vectors = list[Tensor]
 Batch = tuple[Tensor, Tensor]
 
-__all__ = ["Evaluation", "LQFObjective", "Vectors", "axpy", "dot", "norm", "zeros_like"]
+__all__ = ["Evaluation", "LQFObjective", "Vectors", "axpy", "dot", "flatten", "norm", "unflatten", "zeros_like"]
 
 
 def dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> float:
@@ -34,6 +35,20 @@ def dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> float:
 
 def norm(a: Sequence[Tensor]) -> float:
     return dot(a, a) ** 0.5
+
+
+def flatten(vectors: Sequence[Tensor]) -> Tensor:
+    """One flat tensor of ``vectors`` (in their order)."""
+    return torch.cat([t.reshape(-1) for t in vectors])
+
+
+def unflatten(flat: Tensor, like: Sequence[Tensor]) -> Vectors:
+    """Views of ``flat`` shaped like ``like`` (the inverse of :func:`flatten`)."""
+    out, start = [], 0
+    for t in like:
+        out.append(flat[start : start + t.numel()].view(t.shape))
+        start += t.numel()
+    return out
 
 
 def zeros_like(a: Sequence[Tensor], dtype: torch.dtype | None = None) -> Vectors:
@@ -62,6 +77,8 @@ class LQFObjective:
 
     ``preconditioner`` (set later by :meth:`attach`) maps target layers to ``(C + γI)⁻¹``; δs outside those layers
     keep the identity. ``reduce_sum`` sums a tensor over data-parallel ranks (identity for one process).
+    With a :class:`~lqf_exp.jacobian_cache.JacobianCache` attached (:meth:`attach_cache`), the full-data
+    quantities (:meth:`evaluate`, :meth:`hvp`) are products with the stored Jacobian and ignore their batches.
     """
 
     def __init__(
@@ -77,6 +94,7 @@ class LQFObjective:
         self.deltas: Vectors = list(net.delta_list())
         self.reduce_sum = reduce_sum or (lambda t: t)
         self.preconditioner: Preconditioner | None = None
+        self.cache: JacobianCache | None = None
         names = net.linearized_names
         slot = {name: i for i, name in enumerate(names)}
         self._layers = {
@@ -87,6 +105,14 @@ class LQFObjective:
     # -- vectors and preconditioning -------------------------------------------------------------------------
     def attach(self, preconditioner: Preconditioner | None) -> None:
         self.preconditioner = preconditioner
+
+    def attach_cache(self, cache: JacobianCache | None) -> None:
+        self.cache = cache
+
+    @property
+    def in_memory(self) -> bool:
+        """True when full-data quantities come from the Jacobian cache (no network pass)."""
+        return self.cache is not None
 
     def precondition(self, vectors: Sequence[Tensor]) -> Vectors:
         """``P v``: the preconditioner on its layers, the identity elsewhere (and everywhere without one)."""
@@ -124,7 +150,7 @@ class LQFObjective:
             flat += torch.cat([g.reshape(-1) for g in grads])
             total += data.detach().double()
             outputs.append(logits.detach())
-        grads = _unflatten(self.reduce_sum(flat), self.deltas)
+        grads = unflatten(self.reduce_sum(flat), self.deltas)
         value = float(self.reduce_sum(total)) + self.penalty(self.deltas)
         return value, axpy(self.weight_decay, self.deltas, grads), outputs
 
@@ -176,6 +202,8 @@ class LQFObjective:
     # -- full data -------------------------------------------------------------------------------------------
     def evaluate(self, batches: Iterable[Batch], gradient: bool = False) -> Evaluation:
         """``L(δ)`` over ``batches`` (this rank's share of the training data), and ``∇L(δ)`` if asked."""
+        if self.cache is not None:
+            return self._evaluate_cached(gradient)
         total = torch.zeros((), dtype=torch.float64)
         grad = zeros_like(self.deltas, torch.float64) if gradient else None
         count = 0
@@ -193,7 +221,7 @@ class LQFObjective:
         if grad is None:
             return Evaluation(value)
         flat = self.reduce_sum(torch.cat([g.reshape(-1) for g in grad])) / n
-        return Evaluation(value, axpy(self.weight_decay, self.deltas, _unflatten(flat, self.deltas)))
+        return Evaluation(value, axpy(self.weight_decay, self.deltas, unflatten(flat, self.deltas)))
 
     def data_hvp(self, batches: Iterable[Batch], vectors: Sequence[Tensor]) -> tuple[Vectors, int]:
         """``Σ_n J_nᵀ H_n J_n v`` over ``batches`` (this rank's share, unreduced, float64) and the sample count.
@@ -216,15 +244,49 @@ class LQFObjective:
 
     def hvp(self, batches: Iterable[Batch], vectors: Sequence[Tensor]) -> Vectors:
         """``H v`` over the full data (all ranks), float64."""
+        if self.cache is not None:
+            return self._hvp_cached(vectors)
         data, count = self.data_hvp(batches, vectors)
         n = self._count(count, self.deltas[0].device)
         flat = self.reduce_sum(torch.cat([g.reshape(-1) for g in data])) / n
-        return axpy(self.weight_decay, vectors, _unflatten(flat, self.deltas))
+        return axpy(self.weight_decay, vectors, unflatten(flat, self.deltas))
 
+    # -- full data from the Jacobian cache -------------------------------------------------------------------
+    def cached_outputs(self) -> Tensor:
+        """``f_lin`` of every training sample, ``[N, C]`` (float64), from the cache."""
+        assert self.cache is not None
+        return self.cache.base.double() + self.cache.jvp(flatten([d.detach() for d in self.deltas]))
 
-def _unflatten(flat: Tensor, like: Sequence[Tensor]) -> Vectors:
-    out, start = [], 0
-    for t in like:
-        out.append(flat[start : start + t.numel()].view(t.shape))
-        start += t.numel()
-    return out
+    def data_hvp_block(self, block: Tensor) -> Tensor:
+        """``H_d V`` (float64, ``[P, k]``) for a block of flat directions ``V``, from the Jacobian cache: a block
+        costs about one matrix product with J in each direction, however many columns it has."""
+        assert self.cache is not None
+        directions = self.cache.jvp(block)
+        logits = self.cache.base.double() if self.loss.constant_curvature else self.cached_outputs()
+        outer = self.loss.hessian_vector(logits[..., None].expand_as(directions), directions) / self.cache.samples
+        return self.cache.vjp(outer)
+
+    def precondition_block(self, block: Tensor) -> Tensor:
+        """``P V`` for a block of flat directions ``[P, k]`` (float64), column by column."""
+        columns = [flatten(self.precondition(unflatten(block[:, i].to(self.deltas[0].dtype), self.deltas)))
+                   for i in range(block.shape[1])]
+        return torch.stack(columns, 1).double()
+
+    def _evaluate_cached(self, gradient: bool) -> Evaluation:
+        assert self.cache is not None
+        logits = self.cached_outputs().requires_grad_(gradient)
+        with torch.set_grad_enabled(gradient):
+            data = self.loss.per_sample(logits, self.cache.labels).sum() / self.cache.samples
+        value = float(data.detach()) + self.penalty(self.deltas)
+        if not gradient:
+            return Evaluation(value)
+        (outer,) = torch.autograd.grad(data, logits)
+        grads = unflatten(self.cache.vjp(outer), self.deltas)
+        return Evaluation(value, axpy(self.weight_decay, [d.detach() for d in self.deltas], grads))
+
+    def _hvp_cached(self, vectors: Sequence[Tensor]) -> Vectors:
+        assert self.cache is not None
+        directions = self.cache.jvp(flatten([v.detach() for v in vectors]))
+        logits = self.cache.base.double() if self.loss.constant_curvature else self.cached_outputs()
+        outer = self.loss.hessian_vector(logits, directions) / self.cache.samples
+        return axpy(self.weight_decay, vectors, unflatten(self.cache.vjp(outer), self.deltas))

@@ -31,6 +31,7 @@ class StoppingRule:
     objectives: list[float] = field(default_factory=list)
     grad_norms: list[float | None] = field(default_factory=list)
     _quiet: int = 0
+    reference: tuple[float, float | None] | None = None
 
     def __post_init__(self) -> None:
         checks = (
@@ -45,8 +46,11 @@ class StoppingRule:
                 raise ValueError(f"invalid method.stop.{name}={value!r}: rel_gap must be in (0, 1), grad_norm > 0 "
                                  "(or null), patience and max_epochs >= 1, divergence > 1")
 
-    def reset(self) -> None:
+    def reset(self, reference: tuple[float, float | None] | None = None) -> None:
+        """Forget the passes recorded; ``reference``: ``(L, ‖∇L‖)`` at δ = 0, against which a warm-started solve
+        (another λ of a path) measures its gap and gradient ratio, as the first solve does (else: its own start)."""
         self.objectives, self.grad_norms, self._quiet = [], [], 0
+        self.reference = reference
 
     @property
     def epochs(self) -> int:
@@ -71,7 +75,7 @@ class StoppingRule:
         self.grad_norms.append(None if grad_norm is None else float(grad_norm))
         if len(self.objectives) == 1:
             return False
-        g0 = self.grad_norms[0]
+        g0 = self.grad_norms[0] if self.reference is None else self.reference[1]
         if settled and self.grad_norm is not None and grad_norm is not None and g0 and grad_norm <= self.grad_norm * g0:
             return True
         estimate = self.estimated_gap()
@@ -110,7 +114,7 @@ class StoppingRule:
         if last > 0:
             exponent = math.log(before / last) / math.log(passes / (passes - width))
             remaining = max(remaining, math.inf if exponent <= 1 else last / width * passes / (exponent - 1))
-        done = values[0] - values[passes]
+        done = (values[0] if self.reference is None else self.reference[0]) - values[passes]
         if math.isinf(remaining):
             return 1.0
         return remaining / (done + remaining) if done + remaining > 0 else 0.0
@@ -119,9 +123,12 @@ class StoppingRule:
         return self.epochs >= self.max_epochs
 
     def state_dict(self) -> dict[str, Any]:
-        return {"objectives": list(self.objectives), "grad_norms": list(self.grad_norms), "quiet": self._quiet}
+        return {"objectives": list(self.objectives), "grad_norms": list(self.grad_norms), "quiet": self._quiet,
+                "reference": self.reference}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.objectives = [float(v) for v in state["objectives"]]
         self.grad_norms = [None if v is None else float(v) for v in state["grad_norms"]]
         self._quiet = int(state["quiet"])
+        reference = state.get("reference")
+        self.reference = None if reference is None else (float(reference[0]), reference[1])
