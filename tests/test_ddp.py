@@ -23,7 +23,11 @@ def test_ddp_single_run(tmp_path: Path) -> None:
     out = tmp_path / "single"
     result = run_cli([*FAST, *DDP, f"hydra.run.dir={out}"], tmp_path, wandb_mode="offline")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads((out / "metrics.json").read_text())["status"] == "finished"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["status"] == "finished"
+    assert metrics["factors"]["method"] == "lqf"  # the Jacobian cache serves one process: off, and why, under DDP
+    cache = metrics["solver"]["jacobian_cache"]
+    assert not cache["used"] and "data parallelism" in cache["why"] and not metrics["solver"]["in_memory"]
     assert (out / "train_ddp_process_1.log").is_file()  # rank 1 ran, in this run's dir
     assert len(offline_runs(out)) == 1
 

@@ -19,11 +19,16 @@ from torch.utils.data import DataLoader, Subset
 
 from lqf_exp.curvature import CurvatureTargets, Preconditioner
 from lqf_exp.head_init import check_head_init_kind, fit_validated_head, init_head
-from lqf_exp.jacobian_cache import JacobianCache, jacobian_cache_refusal
+from lqf_exp.jacobian_cache import JacobianCache
 from lqf_exp.linearize import LinearizedNetwork
 from lqf_exp.losses import ClassificationLoss
 from lqf_exp.methods.base import ClassifierModule
-from lqf_exp.methods.lqf_setup import choose_weight_decay, leave_one_out_refusal, parse_weight_decay
+from lqf_exp.methods.lqf_setup import (
+    build_jacobian_cache,
+    choose_weight_decay,
+    leave_one_out_refusal,
+    parse_weight_decay,
+)
 from lqf_exp.solvers import Evaluation, LQFObjective, SolveController, Solver, StoppingRule, WeightDecaySelection
 from lqf_exp.solvers.objective import unflatten
 
@@ -199,30 +204,10 @@ class LQF(ClassifierModule):
         if self.preconditioner is not None:
             self.preconditioner.set_damping_offset(self.weight_decay)
 
-    def _build_jacobian_cache(self) -> None:
-        """Store J of the training set when it fits ``jacobian_cache_gb`` (see :mod:`lqf_exp.jacobian_cache`)."""
-        params = sum(d.numel() for d in self.linearized.delta_list())
-        samples = len(self.train_data())
-        dtype = self.linearized.delta_list()[0].dtype
-        refusal = jacobian_cache_refusal(samples, self.num_classes, params, dtype, self.jacobian_cache_gb,
-                                         self.trainer.world_size, self.loss_fn.constant_curvature)
-        if refusal is None and not self.solver.uses_jacobian_cache:
-            refusal = f"solver={self.solver.name} does not run on it"
-        if refusal is not None:
-            self.cache_record = {"used": False, "why": refusal}
-            log.info("Jacobian cache off: %s; the solve runs through network passes", refusal)
-            return
-        self.jacobian_cache = JacobianCache.build(self.linearized, self.train_batches(), samples)
-        self.cache_record = {"used": True, "gigabytes": self.jacobian_cache.gigabytes,
-                             "seconds": self.jacobian_cache.seconds, "rows": samples * self.num_classes,
-                             "columns": params}
-        log.info("Jacobian cache: %d×%d (%.2f GB) in %.1f s; the solve runs on it", samples * self.num_classes,
-                 params, self.jacobian_cache.gigabytes, self.jacobian_cache.seconds)
-
     def on_fit_start(self) -> None:
         solved = self._pending is not None and self._pending["status"] != "running"
         if self.jacobian_cache is None and not solved:
-            self._build_jacobian_cache()
+            build_jacobian_cache(self)
         if self.weight_decay is None:
             choose_weight_decay(self)
         assert self.weight_decay is not None
@@ -304,6 +289,10 @@ class LQF(ClassifierModule):
 
     def on_train_end(self) -> None:
         self.controller.certify(self.evaluate)
+        # The solve is over: the test runs through the JVP path, and the cache (GBs) would outlive its use.
+        self.jacobian_cache = None
+        if self.objective is not None:
+            self.objective.attach_cache(None)
 
     def run_summary(self) -> dict[str, Any]:
         return {"solver": self.solve_summary()}

@@ -1,4 +1,5 @@
-"""Choosing λ for ``method=lqf weight_decay=auto`` (and parsing the values that may say ``auto``)."""
+"""Setting up an LQF solve: the Jacobian cache, λ for ``weight_decay=auto`` (and parsing the values that may say
+``auto``)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from lqf_exp.jacobian_cache import JacobianCache, jacobian_cache_refusal
 from lqf_exp.solvers import DualSystem, ValidationPath, check_kernel_size
 
 if TYPE_CHECKING:
@@ -14,7 +16,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["build_dual_system", "choose_weight_decay", "leave_one_out_refusal", "parse_weight_decay"]
+__all__ = ["build_dual_system", "build_jacobian_cache", "choose_weight_decay", "leave_one_out_refusal",
+           "parse_weight_decay"]
 
 
 def parse_weight_decay(value: Any, key: str) -> float | None:
@@ -72,6 +75,28 @@ def _kernel_refusal(module: LQF) -> str | None:
     except ValueError as error:
         return str(error)
     return None
+
+
+def build_jacobian_cache(module: LQF) -> None:
+    """Store J of the training set when it fits ``jacobian_cache_gb`` (see :mod:`lqf_exp.jacobian_cache`); record
+    why not otherwise."""
+    params = sum(d.numel() for d in module.linearized.delta_list())
+    samples = len(module.train_data())
+    dtype = module.linearized.delta_list()[0].dtype
+    refusal = jacobian_cache_refusal(samples, module.num_classes, params, dtype, module.jacobian_cache_gb,
+                                     module.trainer.world_size, module.loss_fn.constant_curvature)
+    if refusal is None and not module.solver.uses_jacobian_cache:
+        refusal = f"solver={module.solver.name} does not run on it"
+    if refusal is not None:
+        module.cache_record = {"used": False, "why": refusal}
+        log.info("Jacobian cache off: %s; the solve runs through network passes", refusal)
+        return
+    cache = JacobianCache.build(module.linearized, module.train_batches(), samples)
+    module.jacobian_cache = cache
+    module.cache_record = {"used": True, "gigabytes": cache.gigabytes, "seconds": cache.seconds,
+                           "rows": samples * module.num_classes, "columns": params}
+    log.info("Jacobian cache: %d×%d (%.2f GB) in %.1f s; the solve runs on it", samples * module.num_classes, params,
+             cache.gigabytes, cache.seconds)
 
 
 def choose_weight_decay(module: LQF) -> None:

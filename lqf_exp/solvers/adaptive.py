@@ -86,8 +86,8 @@ class AdaptiveSolver(Solver):
         conjugate_gradient: bool = True,
         cg_tol: float = 1e-6,
         recycle_gb: float = 1.0,
-        sketch_rank: int = 256,
-        sketch_iterations: int = 2,
+        sketch_rank: int = 128,
+        sketch_iterations: int = 1,
     ) -> None:
         super().__init__()
         if not (0 <= min_damping <= damping <= max_damping):

@@ -108,7 +108,7 @@ class CGSolver(Solver):
     needs_constant_curvature = True
     uses_jacobian_cache = True
 
-    def __init__(self, tol: float = 1e-6, recycle_gb: float = 1.0, sketch_rank: int = 256, sketch_iterations: int = 2,
+    def __init__(self, tol: float = 1e-6, recycle_gb: float = 1.0, sketch_rank: int = 128, sketch_iterations: int = 1,
                  krylov_space: KrylovSpace | None = None) -> None:
         super().__init__()
         if not tol > 0:

@@ -109,7 +109,8 @@ def sketch_dominant_subspace(data_product: Callable[[Tensor], Tensor], precondit
     ``data_product`` and ``precondition`` act on blocks ``[size, k]`` (float64). Those eigenvectors are the stiff
     directions K-FAC misjudges, which set the iteration count of preconditioned CG; deflating them through
     :class:`Deflation` cut the CG iterations to a 1% gap on digits from ~130 to ~22 at λ = 1 and from ~60 to ~12
-    at λ = 1e-3 (rank 256, two iterations; benchmarks/README.md). It costs ``iterations + 1`` block products.
+    at λ = 1e-3 (rank 256, two iterations; rank 128 and one iteration, the default, cost a third as much for a few
+    more iterations: benchmarks/README.md). It costs ``iterations + 1`` block products.
     """
     generator = torch.Generator().manual_seed(seed)
     block = torch.randn(size, rank, generator=generator, dtype=torch.float64)
