@@ -72,11 +72,12 @@ class JacobianCache:
         base, labels = [], []
         filled = 0
         for x, y in batches:
-            rows = net.jacobian(x).detach()
-            if jacobian is None:
-                jacobian = torch.empty(samples, rows.shape[1], params, dtype=rows.dtype, device=rows.device)
-            jacobian[filled : filled + len(y)] = rows
-            base.append(net.apply_to_base(x).detach().to(rows.dtype))
+            outputs = net.apply_to_base(x).detach()
+            if jacobian is None:  # written in place, batch by batch: no temporary of a batch's rows
+                dtype = net.delta_list()[0].dtype
+                jacobian = torch.empty(samples, outputs.shape[1], params, dtype=dtype, device=outputs.device)
+            net.jacobian(x, out=jacobian[filled : filled + len(y)])
+            base.append(outputs.to(jacobian.dtype))
             labels.append(y)
             filled += len(y)
             log.info("Jacobian cache: %d/%d samples (%.0f s)", filled, samples, time.perf_counter() - started)

@@ -281,15 +281,15 @@ class LinearizedNetwork(nn.Module):
         primal, tangent = self.forward_with_primal(x)
         return primal + tangent
 
-    def jacobian(self, x: Tensor) -> Tensor:
+    def jacobian(self, x: Tensor, out: Tensor | None = None) -> Tensor:
         """The per-sample Jacobian ``J(x; w0)`` with respect to the δs, ``[B, C, P]`` (P = all δ entries, in the
         order of :meth:`delta_list`): by layer hooks (one backward pass per class,
         :mod:`lqf_exp.per_sample_jacobian`) where every δ belongs to a Linear/Conv2d layer, else by reverse mode
-        vectorized over the batch (``torch.func``)."""
+        vectorized over the batch (``torch.func``). ``out``: a ``[B, C, P]`` tensor to write the rows into."""
         if hook_jacobian_supported(self.net, self._names):
             start = None if self.linearize == "all" else self.net.get_submodule(self.linearized_blocks[0])
             with torch.autocast(x.device.type, enabled=False):
-                return hook_jacobian(self.net, self._names, x, start=start)
+                return hook_jacobian(self.net, self._names, x, start=start, out=out)
         params = dict(self.net.named_parameters())
         point = {n: params[n].detach() for n in self._names}
 
@@ -297,7 +297,8 @@ class LinearizedNetwork(nn.Module):
             return functional_call(self.net, p, (xi[None],), strict=False)[0]
 
         rows = vmap(jacrev(single), in_dims=(None, 0))(point, x)
-        return torch.cat([rows[n].reshape(x.shape[0], -1, point[n].numel()) for n in self._names], dim=2)
+        jacobian = torch.cat([rows[n].reshape(x.shape[0], -1, point[n].numel()) for n in self._names], dim=2)
+        return jacobian if out is None else out.copy_(jacobian)
 
     @torch.no_grad()
     def _check_forward_order(self, x: Tensor) -> None:

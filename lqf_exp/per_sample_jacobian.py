@@ -55,10 +55,12 @@ def _rows(module: nn.Module, patches: Tensor, grads: Tensor) -> tuple[Tensor, Te
     return torch.bmm(g, patches).view(len(g), *module.weight.shape), g.sum(2)
 
 
-def hook_jacobian(net: nn.Module, names: Sequence[str], x: Tensor, start: nn.Module | None = None) -> Tensor:
+def hook_jacobian(net: nn.Module, names: Sequence[str], x: Tensor, start: nn.Module | None = None,
+                  out: Tensor | None = None) -> Tensor:
     """``[B, C, P]``: the per-sample Jacobian of ``net(x)`` (``[B, C]``) with respect to the parameters ``names``
     (P entries in that order), at the network's current weights. ``start``: the first module whose input carries
-    gradients (the first linearized block; earlier modules record no graph)."""
+    gradients (the first linearized block; earlier modules record no graph). ``out``: where to write the rows (a
+    slice of a preallocated cache: no temporary of the batch's size)."""
     if not hook_jacobian_supported(net, names):
         raise ValueError(f"hook_jacobian covers weights and biases of Linear and plain Conv2d layers, not all of "
                          f"{list(names)}")
@@ -84,7 +86,8 @@ def hook_jacobian(net: nn.Module, names: Sequence[str], x: Tensor, start: nn.Mod
             order = list(layers)
             patches = {n: _patches(layers[n], inputs[n]) for n in order}
             sizes = [p.numel() for p in (net.get_parameter(n) for n in names)]
-            out = torch.empty(len(x), classes, sum(sizes), dtype=logits.dtype, device=logits.device)
+            if out is None:
+                out = torch.empty(len(x), classes, sum(sizes), dtype=logits.dtype, device=logits.device)
             for c in range(classes):
                 grads = torch.autograd.grad(logits[:, c].sum(), [outputs[n] for n in order],
                                             retain_graph=c + 1 < classes)
