@@ -238,7 +238,6 @@ class LQF(ClassifierModule):
             return
         self.controller.begin_pass()
 
-
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         # A finished or in-memory solve lets the epoch's batches pass untouched (skipping them with Lightning's
         # -1 would also skip the epoch's validation, and val/* would be missing from metrics.json).
