@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["JacobianCache", "jacobian_cache_refusal", "jacobian_gigabytes"]
 
+_CHUNK = 64  # samples per Jacobian computation
+
 
 def jacobian_gigabytes(samples: int, classes: int, params: int, dtype: torch.dtype) -> float:
     return samples * classes * params * torch.empty((), dtype=dtype).element_size() / 2**30
@@ -76,7 +78,11 @@ class JacobianCache:
             if jacobian is None:  # written in place, batch by batch: no temporary of a batch's rows
                 dtype = net.delta_list()[0].dtype
                 jacobian = torch.empty(samples, outputs.shape[1], params, dtype=dtype, device=outputs.device)
-            net.jacobian(x, out=jacobian[filled : filled + len(y)])
+            # In chunks: the per-sample products run best on a few dozen samples (evaluation batches of 512 took
+            # 0.55 s per 64 samples on the 2-core box, chunks of 64 0.45 s).
+            for start in range(0, len(y), _CHUNK):
+                rows = slice(filled + start, filled + min(start + _CHUNK, len(y)))
+                net.jacobian(x[start : start + _CHUNK], out=jacobian[rows])
             base.append(outputs.to(jacobian.dtype))
             labels.append(y)
             filled += len(y)
