@@ -4,8 +4,11 @@
 matrix-vector product at a time so that a Lightning pass over the data can compute that product;
 :func:`conjugate_gradient` runs it to a tolerance with a matvec function (influence, benchmarks). ``CGSolver``
 drives it with one pass per iteration: the first pass computes ``∇L(δ₀)``, every later pass one ``H p``. It needs a
-loss of constant curvature (an exact quadratic); the preconditioner must stay fixed (K-FAC of LQF with MSE is).
-Along the iterates ``∇L(δ) = −r`` and ``L(δ) = L(δ₀) + ½ g₀ᵀe − ½ rᵀe`` (``e = δ − δ₀``) come for free.
+loss of constant curvature (an exact quadratic); the preconditioner must stay fixed during a solve (K-FAC of LQF
+with MSE is). Along the iterates ``∇L(δ) = −r`` and ``L(δ) = L(δ₀) + ½ g₀ᵀe − ½ rᵀe`` (``e = δ − δ₀``) come for
+free. On a Jacobian cache (``objective.in_memory``) a "pass" is one product with the stored J and no batch is read.
+Every direction and its product is kept (:class:`~lqf_exp.solvers.deflation.KrylovSpace`), and each later solve (the
+next λ of a path) is preconditioned two-level by them and, on the cache, by a sketch of the stiff subspace of P·H.
 """
 
 from __future__ import annotations
