@@ -28,7 +28,7 @@ from lqf_exp.precond.operator import operator_options
 from lqf_exp.solvers import ConjugateGradient, LQFObjective
 from lqf_exp.solvers.cg import MatVec
 from lqf_exp.solvers.deflation import KrylovSpace, sketch_dominant_subspace
-from lqf_exp.solvers.objective import flatten, unflatten
+from lqf_exp.solvers.objective import flatten
 
 REPORT_AT = (10, 20, 30, 50, 75, 100, 150, 200)
 
@@ -99,13 +99,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"sketch: rank {args.rank}, {args.iterations} iteration(s), {time.perf_counter() - started:.1f} s, "
               f"{deflation.size} directions kept", flush=True)
 
-        def inner(flat: torch.Tensor) -> torch.Tensor:
-            return flatten(objective.precondition(unflatten(flat, objective.deltas))).double()
-
-        def balanced(vectors: list[torch.Tensor]) -> list[torch.Tensor]:
-            return unflatten(deflation.balance(inner, flatten(vectors).double()), vectors)
-
-        run_cg(objective, balanced, f"K-FAC + sketch (rank {args.rank}, {args.iterations} it.)", args.cg)
+        run_cg(objective, deflation.preconditioner(objective.precondition),
+               f"K-FAC + sketch (rank {args.rank}, {args.iterations} it.)", args.cg)
 
 
 if __name__ == "__main__":

@@ -151,15 +151,9 @@ class CGSolver(Solver):
         objective = self.bound
         self._sketch()
         self.deflation = self.krylov_space.deflation(objective.weight_decay)
-        deflation = self.deflation
-        if deflation is None:
+        if self.deflation is None:
             return objective.precondition
-
-        def balanced(vectors: Vectors) -> Vectors:
-            inner = lambda flat: flatten(objective.precondition(unflatten(flat, vectors))).double()  # noqa: E731
-            return unflatten(deflation.balance(inner, flatten(vectors).double()), vectors)
-
-        return balanced
+        return self.deflation.preconditioner(objective.precondition)
 
     def settings(self) -> dict[str, Any]:
         return {"solver": self.name, "tol": self.tol, "recycle_gb": self.krylov_space.max_bytes / 2**30,

@@ -66,13 +66,16 @@ class SolveController:
         assert self.objective is not None
         return f"{self.solver.settings()}, weight_decay={self.objective.weight_decay:g}"
 
-    def _record(self, evaluation: Evaluation) -> bool:
+    def _append_history(self, evaluation: Evaluation) -> None:
         assert self.objective is not None
         self.history.append({
             "epoch": float(self.epochs), "weight_decay": self.objective.weight_decay,
             "objective": evaluation.objective, "grad_norm": evaluation.grad_norm,
             "seconds": self._elapsed + time.perf_counter() - self._clock,
         })
+
+    def _record(self, evaluation: Evaluation) -> bool:
+        self._append_history(evaluation)
         converged = self.stop.update(evaluation.objective, evaluation.grad_norm, self.context(), self.solver.settled)
         self.final = evaluation
         return converged
@@ -116,9 +119,7 @@ class SolveController:
             set_weight_decay(best["weight_decay"])
             self.final = evaluate(True)
             self.eval_passes += 1
-            self.history.append({"epoch": float(self.epochs), "weight_decay": best["weight_decay"],
-                                 "objective": self.final.objective, "grad_norm": self.final.grad_norm,
-                                 "seconds": self._elapsed + time.perf_counter() - self._clock})
+            self._append_history(self.final)
             self.status = "converged"
             return True
         self._restart(set_weight_decay, evaluate, best["weight_decay"])
@@ -148,9 +149,7 @@ class SolveController:
                 target.copy_(value.to(target))
         self.final = evaluate(True)
         self.eval_passes += 1
-        self.history.append({"epoch": float(self.epochs), "weight_decay": self.objective.weight_decay,
-                             "objective": self.final.objective, "grad_norm": self.final.grad_norm,
-                             "seconds": self._elapsed + time.perf_counter() - self._clock})
+        self._append_history(self.final)
         self.status, self.exact = "converged", True
 
     def _restart(self, set_weight_decay: Callable[[float], None], evaluate: Evaluate, weight_decay: float) -> None:

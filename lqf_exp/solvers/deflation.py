@@ -16,6 +16,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from lqf_exp.solvers.objective import Vectors, flatten, unflatten
+
 __all__ = ["Deflation", "KrylovSpace", "sketch_dominant_subspace"]
 
 # Directions of curvature below this many rounding units of the largest in span(W) (1.2e-3 for products computed
@@ -59,6 +61,18 @@ class Deflation:
         coarse = self.inverse @ (self.basis.T @ vector)
         smoothed = precondition(vector - self.products @ coarse)
         return smoothed - self.basis @ (self.inverse @ (self.products.T @ smoothed)) + self.basis @ coarse
+
+
+    def preconditioner(self, precondition: Callable[[Vectors], Vectors]) -> Callable[[Vectors], Vectors]:
+        """:meth:`balance` around ``precondition`` (e.g. K-FAC) on the solvers' vectors (lists of tensors)."""
+
+        def inner(flat: Tensor, like: Vectors) -> Tensor:
+            return flatten(precondition(unflatten(flat, like))).double()
+
+        def balanced(vectors: Vectors) -> Vectors:
+            return unflatten(self.balance(lambda flat: inner(flat, vectors), flatten(vectors).double()), vectors)
+
+        return balanced
 
 
 class KrylovSpace:

@@ -258,13 +258,14 @@ class LQFObjective:
         return self.cache.base.double() + self.cache.jvp(flatten([d.detach() for d in self.deltas]))
 
     def data_hvp_block(self, block: Tensor) -> Tensor:
-        """``H_d V`` (float64, ``[P, k]``) for a block of flat directions ``V``, from the Jacobian cache: a block
-        costs about one matrix product with J in each direction, however many columns it has."""
+        """``H_d v`` (float64) from the Jacobian cache for a flat direction ``[P]`` or a block of them ``[P, k]``:
+        a block costs about one matrix product with J in each direction, however many columns it has."""
         assert self.cache is not None
         directions = self.cache.jvp(block)
         logits = self.cache.base.double() if self.loss.constant_curvature else self.cached_outputs()
-        outer = self.loss.hessian_vector(logits[..., None].expand_as(directions), directions) / self.cache.samples
-        return self.cache.vjp(outer)
+        if block.dim() == 2:
+            logits = logits[..., None].expand_as(directions)
+        return self.cache.vjp(self.loss.hessian_vector(logits, directions) / self.cache.samples)
 
     def precondition_block(self, block: Tensor) -> Tensor:
         """``P V`` for a block of flat directions ``[P, k]`` (float64), column by column."""
@@ -285,8 +286,5 @@ class LQFObjective:
         return Evaluation(value, axpy(self.weight_decay, [d.detach() for d in self.deltas], grads))
 
     def _hvp_cached(self, vectors: Sequence[Tensor]) -> Vectors:
-        assert self.cache is not None
-        directions = self.cache.jvp(flatten([v.detach() for v in vectors]))
-        logits = self.cache.base.double() if self.loss.constant_curvature else self.cached_outputs()
-        outer = self.loss.hessian_vector(logits, directions) / self.cache.samples
-        return axpy(self.weight_decay, vectors, unflatten(self.cache.vjp(outer), self.deltas))
+        data = self.data_hvp_block(flatten([v.detach() for v in vectors]))
+        return axpy(self.weight_decay, vectors, unflatten(data, self.deltas))
