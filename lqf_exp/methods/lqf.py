@@ -24,6 +24,8 @@ from lqf_exp.linearize import LinearizedNetwork
 from lqf_exp.losses import ClassificationLoss
 from lqf_exp.methods.base import ClassifierModule
 from lqf_exp.methods.lqf_setup import (
+    TrainingSet,
+    WeightDecayChoice,
     build_jacobian_cache,
     choose_weight_decay,
     leave_one_out_refusal,
@@ -177,7 +179,7 @@ class LQF(ClassifierModule):
         base = base.to(device or original_device)
         refusal = None
         if self.head_init == "probe" and self.head_init_l2 is None and self._trainer is not None:
-            refusal = leave_one_out_refusal(self)
+            refusal = leave_one_out_refusal(self.train_data(), self.num_classes)
         if refusal is not None:  # the head's l2 on the validation loss instead, as method=probe chooses it
             log.info("head_init_l2=auto: validation loss instead of leave-one-out (%s)", refusal)
             val = self.eval_loader(self.trainer.datamodule.val_dataset)
@@ -204,12 +206,27 @@ class LQF(ClassifierModule):
         if self.preconditioner is not None:
             self.preconditioner.set_damping_offset(self.weight_decay)
 
+    def _training_set(self) -> TrainingSet:
+        return TrainingSet(self.linearized, self.loss_fn, self.train_data(), self.train_batches, self.num_classes,
+                           self.trainer.world_size)
+
+    def _apply_weight_decay_choice(self, choice: WeightDecayChoice) -> None:
+        self.set_weight_decay(choice.weight_decay)
+        self.selection_record = choice.record
+        self.controller.path = choice.path
+        if choice.system is not None:
+            self.controller.objective_star = choice.objective_star
+            self.dual_solution = choice.solution  # δ* = Jᵀu: the run takes it instead of iterating toward it
+            self.solver.use_dual_system(choice.system)
+
     def on_fit_start(self) -> None:
         solved = self._pending is not None and self._pending["status"] != "running"
         if self.jacobian_cache is None and not solved:
-            build_jacobian_cache(self)
+            self.jacobian_cache, self.cache_record = build_jacobian_cache(self._training_set(),
+                                                                          self.jacobian_cache_gb, self.solver)
         if self.weight_decay is None:
-            choose_weight_decay(self)
+            self._apply_weight_decay_choice(choose_weight_decay(self._training_set(), self.selection,
+                                                                self.jacobian_cache, self.head_smoother))
         assert self.weight_decay is not None
         self.objective = LQFObjective(self.linearized, self.loss_fn, self.weight_decay, self._reduce_sum)
         self.objective.attach(self.preconditioner)
