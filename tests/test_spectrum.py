@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from lqf_exp.curvature import CurvatureTargets
+from lqf_exp.delta_layout import flat_size, flatten, unflatten
 from lqf_exp.precond import KFACOperator
 from lqf_exp.solvers import preconditioned_max_eigenvalue
 from lqf_exp.solvers.objective import LQFObjective
@@ -19,11 +20,7 @@ def dense(apply, size: int, like: list[torch.Tensor]) -> torch.Tensor:  # noqa: 
     for i in range(size):
         unit = torch.zeros(size, dtype=torch.float64)
         unit[i] = 1.0
-        vectors, start = [], 0
-        for t in like:
-            vectors.append(unit[start : start + t.numel()].view(t.shape))
-            start += t.numel()
-        columns.append(torch.cat([v.reshape(-1) for v in apply(vectors)]))
+        columns.append(flatten(apply(unflatten(unit, like))))
     return torch.stack(columns, dim=1)
 
 
@@ -39,7 +36,7 @@ def test_power_iteration_finds_the_largest_eigenvalue_of_the_preconditioned_hess
         operator = KFACOperator(targets, damping=1e-3)
         operator.estimate(batches)
         objective.attach(operator)
-    size = sum(d.numel() for d in objective.deltas)
+    size = flat_size(objective.deltas)
     hessian = dense(lambda v: objective.hvp(batches, v), size, objective.deltas)
     product = dense(objective.precondition, size, objective.deltas) @ hessian
     expected = torch.linalg.eigvals(product).real.max().item()

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from lqf_exp.delta_layout import flat_size
 from lqf_exp.solvers import check_kernel_size
 
 from .core import Influence, LeaveOneOut, exact_leave_one_out, preconditioned_leave_one_out
@@ -48,7 +49,7 @@ def compute_influence(run: FinishedRun, method: str = "kfac", chunk: int = 64, m
     net, loss = run.module.linearized, run.module.loss_fn
     dm = run.datamodule
     train, val, test = dm.train_dataset, dm.val_dataset, dm.test_dataset
-    N, params = len(train), sum(d.numel() for d in net.delta_list())  # type: ignore[arg-type]
+    N, params = len(train), flat_size(net.delta_list())  # type: ignore[arg-type]
     wanted = ("kfac", "exact") if method == "both" else (method,)
     if "kfac" in wanted and run.kfac is None:
         raise ValueError(f"{run.run_dir} has no K-FAC state (precond={run.cfg.precond.get('name')}); use "

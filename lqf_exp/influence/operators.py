@@ -8,6 +8,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import Tensor
 
+from lqf_exp.delta_layout import slices
 from lqf_exp.linearize import LinearizedNetwork
 from lqf_exp.losses import ClassificationLoss
 from lqf_exp.precond import KFACOperator
@@ -32,10 +33,8 @@ def kfac_rows(operator: KFACOperator, net: LinearizedNetwork) -> RowOperator:
     """``(G ⊗ A + γI)⁻¹`` of ``operator`` on rows ``[K, P]`` laid out as ``net.delta_list()``; entries of δs
     outside every preconditioned layer (none with the default ``bn_affine=freeze``) are divided by γ."""
     deltas = net.delta_list()
-    offsets, start = {}, 0
-    for delta in deltas:
-        offsets[id(delta)] = (start, delta.shape)
-        start += delta.numel()
+    # Layers name their δ tensors, not positions: find each one's columns by identity.
+    where = {id(delta): columns for delta, columns in zip(deltas, slices(deltas), strict=True)}
     layers = net.curvature_layers()
     inverses = operator.current_inverses()
     gamma = operator.gamma()
@@ -43,17 +42,15 @@ def kfac_rows(operator: KFACOperator, net: LinearizedNetwork) -> RowOperator:
     def apply(rows: Tensor) -> Tensor:
         out = rows / gamma
         for name, (weight, bias) in layers.items():
-            w_start, w_shape = offsets[id(weight)]
-            w_size = weight.numel()
-            joined = rows[:, w_start:w_start + w_size].reshape(len(rows), w_shape[0], -1)
+            w_cols = where[id(weight)]
+            joined = rows[:, w_cols].reshape(len(rows), weight.shape[0], -1)
             if bias is not None:
-                b_start, _ = offsets[id(bias)]
-                joined = torch.cat([joined, rows[:, b_start:b_start + bias.numel(), None]], dim=2)
+                b_cols = where[id(bias)]
+                joined = torch.cat([joined, rows[:, b_cols, None]], dim=2)
             solved = inverses[name].apply(joined)
-            out[:, w_start:w_start + w_size] = solved[..., : joined.shape[2] - int(bias is not None)].reshape(
-                len(rows), -1)
+            out[:, w_cols] = solved[..., : joined.shape[2] - int(bias is not None)].reshape(len(rows), -1)
             if bias is not None:
-                out[:, b_start:b_start + bias.numel()] = solved[..., -1]
+                out[:, b_cols] = solved[..., -1]
         return out
 
     return apply

@@ -22,9 +22,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lqf_exp.delta_layout import flat_size, flatten, unflatten
 from lqf_exp.solvers.base import Solver
 from lqf_exp.solvers.deflation import Deflation, KrylovSpace, sketch_dominant_subspace
-from lqf_exp.solvers.objective import Evaluation, Vectors, axpy, dot, flatten, unflatten, zeros_like
+from lqf_exp.solvers.objective import Evaluation, Vectors, axpy, dot, zeros_like
 
 log = logging.getLogger(__name__)
 
@@ -139,9 +140,9 @@ class CGSolver(Solver):
         if not (objective.in_memory and self.sketch_rank > 0 and not space.sketched):
             return
         started = time.perf_counter()
-        size = sum(d.numel() for d in objective.deltas)
-        basis, products = sketch_dominant_subspace(objective.data_hvp_block, objective.precondition_block, size,
-                                                   self.sketch_rank, self.sketch_iterations)
+        basis, products = sketch_dominant_subspace(objective.data_hvp_block, objective.precondition_block,
+                                                   flat_size(objective.deltas), self.sketch_rank,
+                                                   self.sketch_iterations)
         space.add_block(basis, products, torch.finfo(objective.deltas[0].dtype).eps)
         space.sketched = True
         log.info("sketched %d dominant directions of P·H in %.1f s", basis.shape[1], time.perf_counter() - started)

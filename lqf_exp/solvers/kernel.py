@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lqf_exp.delta_layout import copy_flat_, flat_size
 from lqf_exp.solvers.base import Solver
 from lqf_exp.solvers.dual import DualSystem
 from lqf_exp.solvers.objective import Evaluation, LQFObjective
@@ -58,8 +59,8 @@ class KernelSolver(Solver):
             raise ValueError("solver=kernel runs in one process (its system is small by construction); "
                              "use trainer.devices=1, or solver=cg/adaptive for data parallelism")
         classes = objective.net.net.get_submodule(objective.net.head_name).out_features
-        params = sum(d.numel() for d in objective.deltas)
-        check_kernel_size(train_size * classes, params, self.max_rows, self.max_memory_gb, "solver=kernel")
+        check_kernel_size(train_size * classes, flat_size(objective.deltas), self.max_rows, self.max_memory_gb,
+                          "solver=kernel")
 
     def use_dual_system(self, system: DualSystem) -> None:
         """Reuse the dual system the λ selection built; skips the Jacobian pass."""
@@ -90,10 +91,6 @@ class KernelSolver(Solver):
             self.system = DualSystem(torch.cat(self._jacobians), torch.cat(self._residuals))
             self._jacobians, self._residuals = [], []
         delta, u = self.system.solve(objective.weight_decay)
-        with torch.no_grad():
-            start = 0
-            for d in objective.deltas:
-                d.copy_(delta[start : start + d.numel()].view(d.shape).to(d))
-                start += d.numel()
+        copy_flat_(delta, objective.deltas)
         self.solved = True
         return Evaluation(self.system.objective(objective.weight_decay, u))

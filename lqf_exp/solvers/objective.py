@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from lqf_exp.curvature import Preconditioner
+from lqf_exp.delta_layout import flat_size, flatten, unflatten
 from lqf_exp.jacobian_cache import JacobianCache
 from lqf_exp.linearize import LinearizedNetwork
 from lqf_exp.losses import ClassificationLoss
@@ -35,20 +36,6 @@ def dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> float:
 
 def norm(a: Sequence[Tensor]) -> float:
     return dot(a, a) ** 0.5
-
-
-def flatten(vectors: Sequence[Tensor]) -> Tensor:
-    """One flat tensor of ``vectors`` (in their order)."""
-    return torch.cat([t.reshape(-1) for t in vectors])
-
-
-def unflatten(flat: Tensor, like: Sequence[Tensor]) -> Vectors:
-    """Views of ``flat`` shaped like ``like`` (the inverse of :func:`flatten`)."""
-    out, start = [], 0
-    for t in like:
-        out.append(flat[start : start + t.numel()].view(t.shape))
-        start += t.numel()
-    return out
 
 
 def zeros_like(a: Sequence[Tensor], dtype: torch.dtype | None = None) -> Vectors:
@@ -140,14 +127,14 @@ class LQFObjective:
         the mean loss over B plus the penalty."""
         count = self._count(sum(len(y) for _, y in batches), self.deltas[0].device)
         total = torch.zeros((), dtype=torch.float64, device=self.deltas[0].device)
-        flat = torch.zeros(sum(d.numel() for d in self.deltas), dtype=self.deltas[0].dtype, device=total.device)
+        flat = torch.zeros(flat_size(self.deltas), dtype=self.deltas[0].dtype, device=total.device)
         outputs = []
         for x, y in batches:
             with torch.enable_grad():
                 logits = self.net(x)
                 data = self.loss.per_sample(logits, y).sum() / count
                 grads = torch.autograd.grad(data, self.deltas)
-            flat += torch.cat([g.reshape(-1) for g in grads])
+            flat += flatten(grads)
             total += data.detach().double()
             outputs.append(logits.detach())
         grads = unflatten(self.reduce_sum(flat), self.deltas)
@@ -220,7 +207,7 @@ class LQFObjective:
         value = float(self.reduce_sum(total.to(self.deltas[0].device))) / n + self.penalty(self.deltas)
         if grad is None:
             return Evaluation(value)
-        flat = self.reduce_sum(torch.cat([g.reshape(-1) for g in grad])) / n
+        flat = self.reduce_sum(flatten(grad)) / n
         return Evaluation(value, axpy(self.weight_decay, self.deltas, unflatten(flat, self.deltas)))
 
     def data_hvp(self, batches: Iterable[Batch], vectors: Sequence[Tensor]) -> tuple[Vectors, int]:
@@ -248,7 +235,7 @@ class LQFObjective:
             return self._hvp_cached(vectors)
         data, count = self.data_hvp(batches, vectors)
         n = self._count(count, self.deltas[0].device)
-        flat = self.reduce_sum(torch.cat([g.reshape(-1) for g in data])) / n
+        flat = self.reduce_sum(flatten(data)) / n
         return axpy(self.weight_decay, vectors, unflatten(flat, self.deltas))
 
     # -- full data from the Jacobian cache -------------------------------------------------------------------

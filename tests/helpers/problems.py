@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from lqf_exp.delta_layout import copy_flat_, flat_size, flatten
 from lqf_exp.linearize import LinearizedNetwork
 from lqf_exp.losses import ScaledMSELoss
 from lqf_exp.solvers import LQFObjective
@@ -34,7 +35,7 @@ class SmallProblem:
 
     def jacobian(self) -> Tensor:
         """``[N·C, P]``."""
-        return self.net.jacobian(self.x).reshape(-1, sum(d.numel() for d in self.net.delta_list()))
+        return self.net.jacobian(self.x).reshape(-1, flat_size(self.net.delta_list()))
 
     def optimum(self) -> Tensor:
         """δ* of ``(1/N)‖r − Jδ‖² + (λ/2)‖δ‖²`` by a dense primal solve (flat)."""
@@ -46,14 +47,11 @@ class SmallProblem:
         return torch.linalg.solve(H, (2.0 / n) * J.T @ r)
 
     def delta(self) -> Tensor:
-        return torch.cat([d.detach().reshape(-1) for d in self.net.delta_list()])
+        return flatten([d.detach() for d in self.net.delta_list()])
 
     def set_delta(self, flat: Tensor | None) -> None:
-        start = 0
-        with torch.no_grad():
-            for d in self.net.delta_list():
-                d.copy_(torch.zeros_like(d) if flat is None else flat[start : start + d.numel()].view(d.shape))
-                start += d.numel()
+        deltas = self.net.delta_list()
+        copy_flat_(torch.zeros(flat_size(deltas), dtype=deltas[0].dtype) if flat is None else flat, deltas)
 
 
 def small_problem(n: int = 36, weight_decay: float = 1e-2, seed: int = 0, width: int = 3) -> SmallProblem:
