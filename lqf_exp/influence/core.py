@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lqf_exp.solvers.dual import DualSystem
+
 __all__ = ["Influence", "LeaveOneOut", "exact_influence", "exact_leave_one_out", "preconditioned_influence",
            "preconditioned_leave_one_out"]
 
@@ -95,34 +97,21 @@ def _flat(jacobian: Tensor) -> Tensor:
 
 def exact_leave_one_out(train_jacobian: Tensor, residual: Tensor, weight_decay: float,
                         gram_dtype: torch.dtype = torch.float64) -> LeaveOneOut:
-    """Exact leave-one-out through the dual system.
+    """Exact leave-one-out through the dual system (:meth:`lqf_exp.solvers.dual.DualSystem.leave_one_out`, the one
+    implementation, which λ selection's leave-one-out shares).
 
     Args:
         train_jacobian: ``[N, C, P]`` Jacobians of the training samples at w0.
         residual: ``[N, C]`` prediction errors ``e`` of the training samples at the run's δ.
         weight_decay: λ of the objective (> 0).
-        gram_dtype: dtype of the Gram product ``JJᵀ``; the solve and the directions are float64. Keep float64 unless
-            μ = Nλ/2 is large against float32 rounding of K: on digits (λ = 1e-3) a float32 Gram is not positive
-            definite after adding μI.
+        gram_dtype: dtype of the Gram product ``JJᵀ``; the solve and the directions are float64 (see
+            :class:`~lqf_exp.solvers.dual.DualSystem`).
     """
-    N, C, _ = train_jacobian.shape
-    mu = N * float(weight_decay) / 2
-    if mu <= 0:
+    if not weight_decay > 0:
         raise ValueError(f"influence needs weight_decay > 0, got {weight_decay!r}")
-    rows = _flat(train_jacobian)
-    kernel = (rows.to(gram_dtype) @ rows.to(gram_dtype).T).double()
-    kernel.diagonal().add_(mu)
-    inverse = torch.cholesky_inverse(torch.linalg.cholesky(kernel))  # (K + μI)⁻¹
-    del kernel
-    blocks = inverse.view(N, C, N, C).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # [(K + μI)⁻¹]_ii
-    leverage = torch.eye(C, dtype=torch.float64) - mu * blocks  # S = K(K + μI)⁻¹ = I − μ(K + μI)⁻¹
-    e = residual.double()
-    loo = torch.linalg.solve(mu * blocks, e[..., None])[..., 0]
-    # A⁻¹J_iᵀẽ_i = Jᵀ(K + μI)⁻¹[:, rows of i] ẽ_i
-    weights = torch.einsum("rnc,nc->nr", inverse.view(N * C, N, C), loo)  # [N, NC]
-    del inverse
-    directions = (weights.to(rows.dtype) @ rows).double() if rows.dtype != torch.float64 else weights @ rows
-    return LeaveOneOut(directions, leverage, e, loo)
+    # The errors stand in for the system's right-hand side: only its kernel and leave-one-out blocks are used.
+    loo = DualSystem(train_jacobian, residual, gram_dtype).leave_one_out(weight_decay, errors=residual)
+    return LeaveOneOut(loo.directions, loo.leverage, residual.double(), loo.loo_residual)
 
 
 def preconditioned_leave_one_out(train_chunks: Iterable[tuple[Tensor, Tensor]], num_train: int,
