@@ -36,6 +36,16 @@ class ClassificationLoss(nn.Module):
     def forward(self, logits: Tensor, labels: Tensor) -> Tensor:
         return self.per_sample(logits, labels).mean()
 
+    def zero_predictor_loss(self, num_classes: int) -> float:
+        """The per-sample loss of the all-zero output, averaged over the ``num_classes`` labels: ``α²`` for MSE on
+        ``α·onehot`` (a sum over classes), ``log C`` for CE.
+
+        A size of the objective that does not vanish when a fit interpolates its training set (L(0) ≈ 0 there), for
+        tests such as the solvers' divergence rule that would otherwise be relative to nothing.
+        """
+        logits = torch.zeros(num_classes, num_classes, dtype=torch.float64)
+        return float(self.per_sample(logits, torch.arange(num_classes)).mean())
+
     def output_gradient(self, logits: Tensor, labels: Tensor) -> Tensor:  # pragma: no cover - abstract
         """``∂ℓ(f_n, y_n)/∂f_n`` for every sample, ``[N, C]``."""
         raise NotImplementedError

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -16,7 +17,7 @@ from torch import Tensor
 
 from lqf_exp.solvers.base import Solver
 from lqf_exp.solvers.objective import Evaluation, LQFObjective
-from lqf_exp.solvers.stopping import StoppingRule
+from lqf_exp.solvers.stopping import SolveProgress, StoppingRule
 from lqf_exp.solvers.weight_decay import ValidationPath
 
 log = logging.getLogger(__name__)
@@ -27,17 +28,17 @@ Evaluate = Callable[[bool], Evaluation]
 
 
 class SolveController:
-    """Runs ``solver`` on an objective until ``stop`` says converged (or its cap), then walks ``path`` if any.
+    """Runs ``solver`` on an objective until ``rule`` says converged (or its cap), then walks ``path`` if any.
 
+    ``rule`` is the method's (frozen) stopping rule, ``progress`` the record of the current solve it decides on.
     ``status`` is ``running``, ``converged`` or ``capped`` (the pass cap ended it first); divergence raises
     :class:`~lqf_exp.solvers.stopping.DivergenceError` from the stopping rule. ``epochs`` counts the solver's passes
     over the training data, ``eval_passes`` the passes spent evaluating the full objective for the stopping rule.
     """
 
-    def __init__(self, solver: Solver, stop: StoppingRule) -> None:
-        self.solver, self.stop = solver, stop
-        # The solve's own tolerance and cap; a validation path's solves use looser ones.
-        self.tolerance = (stop.rel_gap, stop.max_epochs)
+    def __init__(self, solver: Solver, rule: StoppingRule) -> None:
+        self.solver, self.rule = solver, rule
+        self.progress = SolveProgress()
         self.objective: LQFObjective | None = None
         self.path: ValidationPath | None = None
         self.status = "running"
@@ -53,14 +54,25 @@ class SolveController:
         self._elapsed = 0.0  # seconds of earlier sessions (a resumed run)
 
     # -- setup ------------------------------------------------------------------------------------------------
-    def start(self, objective: LQFObjective, train_size: int, world_size: int, evaluate: Evaluate) -> None:
-        """Bind the solver; on a fresh solve evaluate the starting point (the reference of the stopping rule)."""
+    def start(self, objective: LQFObjective, train_size: int, world_size: int, evaluate: Evaluate,
+              scale: float = 0.0) -> None:
+        """Bind the solver; on a fresh solve evaluate the starting point (the reference of the stopping rule).
+
+        ``scale``: the zero predictor's objective (``loss.zero_predictor_loss``), the size of L the divergence test
+        measures a rise against besides the start (which vanishes when the training set is interpolated).
+        """
         self.objective = objective
+        self.progress.scale = float(scale)
         self.solver.bind(objective, train_size, world_size)
-        if self.path is not None and not self.path.done:
-            self.stop.rel_gap, self.stop.max_epochs = self.path.rel_gap, self.path.max_epochs
-        if not self.stop.objectives:
+        if not self.progress.objectives:
             self._record(evaluate(True))  # the gradient at the start makes the final one a relative certificate
+
+    @property
+    def active_rule(self) -> StoppingRule:
+        """The rule of the solve now running: a validation path's solves use its (looser) tolerance and cap."""
+        if self.path is not None and not self.path.done:
+            return replace(self.rule, rel_gap=self.path.rel_gap, max_epochs=self.path.max_epochs)
+        return self.rule
 
     def context(self) -> str:
         assert self.objective is not None
@@ -76,7 +88,8 @@ class SolveController:
 
     def _record(self, evaluation: Evaluation) -> bool:
         self._append_history(evaluation)
-        converged = self.stop.update(evaluation.objective, evaluation.grad_norm, self.context(), self.solver.settled)
+        converged = self.active_rule.update(self.progress, evaluation.objective, evaluation.grad_norm,
+                                            self.context(), self.solver.settled)
         self.final = evaluation
         return converged
 
@@ -92,30 +105,31 @@ class SolveController:
         """Close a pass; True when the whole solve (path included) is finished."""
         report = self.solver.end_epoch()
         self.epochs += 1
+        rule = self.active_rule
         if report is None:
-            report = evaluate(self.stop.grad_norm is not None)
+            report = evaluate(rule.grad_norm is not None)
             self.eval_passes += 1
         converged = self._record(report) or self.solver.converged
-        self.solver.observe(self.stop.progress())
+        self.solver.observe(self.progress.progress())
+        finished = converged or rule.exhausted(self.progress)
         path = self.path if self.path is not None and not self.path.done else None
         if path is None:
-            if not (converged or self.stop.exhausted()):
+            if not finished:
                 return False
             self.status = "converged" if converged else "capped"
             return True
-        if not (converged or self.stop.exhausted()):
+        if not finished:
             return False
         assert self.objective is not None
-        if path.record(validation_loss(), report.objective, self.stop.epochs, self.objective.deltas, converged):
+        if path.record(validation_loss(), report.objective, self.progress.epochs, self.objective.deltas, converged):
             self._restart(set_weight_decay, evaluate, path.current)
             return False
         # The path has ranked its λs. Its best solution is the answer when it was solved to the method's own
         # tolerance; otherwise (a looser path) solve it on, from there, to full tolerance.
-        path.done = True
-        self.stop.rel_gap, self.stop.max_epochs = self.tolerance
+        path.done = True  # from here on, active_rule is the method's own rule
         self._restore_best()
         best = path.best
-        if best.get("converged", False) and path.rel_gap <= self.tolerance[0]:
+        if best.get("converged", False) and path.rel_gap <= self.rule.rel_gap:
             set_weight_decay(best["weight_decay"])
             self.final = evaluate(True)
             self.eval_passes += 1
@@ -158,7 +172,7 @@ class SolveController:
         # The gap of every solve is measured from δ = 0, where L and ∇L do not depend on λ (the penalty vanishes):
         # relative to its own warm start, a later λ would have to reach a far smaller absolute gap than the first.
         first = self.history[0]
-        self.stop.reset((float(first["objective"]), first["grad_norm"]))
+        self.progress.reset((float(first["objective"]), first["grad_norm"]))
         self._record(evaluate(True))
         self.eval_passes += 1
 
@@ -195,7 +209,7 @@ class SolveController:
             "exact": self.exact,
         }
         if self.status == "capped":
-            out["estimated_gap"] = self.stop.estimated_gap()
+            out["estimated_gap"] = self.progress.estimated_gap()
         if final is not None and final.grad_norm is not None and out["grad_norm_start"]:
             out["grad_ratio"] = final.grad_norm / out["grad_norm_start"]
         if self.objective_star is not None and final is not None and start is not None:
@@ -207,14 +221,14 @@ class SolveController:
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {"solver": self.solver.state_dict(), "stop": self.stop.state_dict(), "status": self.status,
+        return {"solver": self.solver.state_dict(), "stop": self.progress.state_dict(), "status": self.status,
                 "in_memory": self.in_memory, "exact": self.exact,
                 "epochs": self.epochs, "eval_passes": self.eval_passes, "objective_star": self.objective_star,
                 "path": None if self.path is None else self.path.state_dict(), "history": self.history}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.solver.load_state_dict(state["solver"])
-        self.stop.load_state_dict(state["stop"])
+        self.progress.load_state_dict(state["stop"])
         self.status, self.epochs, self.eval_passes = state["status"], int(state["epochs"]), int(state["eval_passes"])
         self.objective_star = state["objective_star"]
         self.in_memory, self.exact = bool(state.get("in_memory", False)), bool(state.get("exact", False))
