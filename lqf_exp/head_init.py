@@ -14,10 +14,11 @@ from torch import Tensor, nn
 
 from lqf_exp.head_fit import PROBE_L2_GRID, HeadFit, ValidatedHeadFit, fit_head_on_validation
 from lqf_exp.losses import ClassificationLoss
+from lqf_exp.options import HEAD_INITS
 
 __all__ = ["HEAD_INIT_KINDS", "check_head_init_kind", "extract_features", "fit_validated_head", "init_head"]
 
-HEAD_INIT_KINDS = ("probe", "random")
+HEAD_INIT_KINDS = HEAD_INITS
 _ZERO_HEAD_MSG = (
     "A zero head makes the Jacobian of the output with respect to every backbone weight zero (each backbone "
     "direction passes through the head), so only the head would learn. Use kind='probe' or 'random'."

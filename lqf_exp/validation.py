@@ -8,6 +8,18 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from lqf_exp.options import (
+    ACTIVATIONS,
+    BN_AFFINE,
+    BN_MODES,
+    FISHER_TYPES,
+    HEAD_INITS,
+    KFAC_APPROXES,
+    POOLINGS,
+    TANGENT_PATHS,
+    TASKS,
+)
+
 
 class ConfigError(ValueError):
     """A config value is out of range; the message names the key, the value and what would be valid."""
@@ -18,6 +30,14 @@ class Rule:
     key: str
     valid: Callable[[Any], bool]
     expected: str
+    # The valid values of a string option (the constructor's own tuple, from lqf_exp.options); None for ranges.
+    options: tuple[str, ...] | None = None
+
+
+def one_of(key: str, options: tuple[str, ...], note: str = "") -> Rule:
+    """A rule for a string option whose valid values, and the message naming them, come from ``options``."""
+    expected = "one of " + ", ".join(options) + (f" ({note})" if note else "")
+    return Rule(key, lambda v: isinstance(v, str) and v in options, expected, options)
 
 
 def _is_int(value: Any) -> bool:
@@ -33,10 +53,9 @@ RULES: tuple[Rule, ...] = (
     Rule("optim.lr", lambda v: _is_number(v) and v > 0, "a number > 0"),
     Rule("optim.weight_decay", lambda v: _is_number(v) and v >= 0, "a number >= 0"),
     Rule("optim.momentum", lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
-    Rule("activation.name", lambda v: v in ("relu", "leaky_relu"), "one of relu, leaky_relu"),
+    one_of("activation.name", ACTIVATIONS),
     Rule("activation.negative_slope", lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
-    # Same options as lqf_exp.models.pooling.POOLINGS (tests/test_pooling.py checks they agree).
-    Rule("model.pooling", lambda v: v in ("avg", "sqrt_cov"), "one of avg, sqrt_cov"),
+    one_of("model.pooling", POOLINGS),
     Rule("model.pooling_reduce_dim", lambda v: v is None or (_is_int(v) and v >= 1), "null or an integer >= 1"),
     Rule("model.pooling_iterations", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     Rule("loss.target_scale", lambda v: _is_number(v) and v > 0, "a number > 0"),
@@ -49,29 +68,26 @@ RULES: tuple[Rule, ...] = (
     Rule("trainer.max_steps", lambda v: _is_int(v) and (v >= 1 or v == -1), "an integer >= 1, or -1 (no limit)"),
     Rule("trainer.min_steps", lambda v: v is None or (_is_int(v) and v >= 0), "null or an integer >= 0"),
     Rule("callbacks.early_stopping.patience", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    Rule("method.bn", lambda v: v in ("train", "eval"), "one of train, eval"),
+    one_of("method.bn", BN_MODES),
     Rule("method.head_l2", lambda v: v == "auto" or (_is_number(v) and v > 0), "'auto' or a number > 0"),
     Rule("method.l2", lambda v: v == "auto" or (_is_number(v) and v > 0), "'auto' or a number > 0"),
     Rule("precond.callback.damping", lambda v: _is_number(v) and v > 0, "a number > 0"),
     Rule("precond.callback.num_batches", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     Rule("precond.callback.mc_samples", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     Rule("precond.callback.update_every", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    Rule("precond.callback.fisher_type", lambda v: v in ("type2", "mc", "empirical"), "one of type2, mc, empirical"),
-    Rule("precond.callback.kfac_approx", lambda v: v in ("expand", "reduce"), "one of expand, reduce"),
+    one_of("precond.callback.fisher_type", FISHER_TYPES),
+    one_of("precond.callback.kfac_approx", KFAC_APPROXES),
     Rule("precond.callback.eigenvalue_correction", lambda v: isinstance(v, bool), "true or false"),
     Rule("method.weight_decay", lambda v: v == "auto" or (_is_number(v) and v >= 0), "'auto' or a number >= 0"),
     Rule("method.head_init_l2", lambda v: v == "auto" or (_is_number(v) and v >= 0), "'auto' or a number >= 0"),
     Rule("method.linearize", lambda v: isinstance(v, str) and v != "", "'all', 'head' or a block name"),
-    Rule(
-        "method.head_init",
-        lambda v: v in ("probe", "random"),
-        "one of probe, random (a zero head would make the backbone's Jacobian zero, so only the head would learn)",
-    ),
-    Rule("method.bn_affine", lambda v: v in ("freeze", "linearize"), "one of freeze, linearize"),
-    Rule("method.tangent", lambda v: v in ("auto", "fused", "autodiff"), "one of auto, fused, autodiff"),
+    one_of("method.head_init", HEAD_INITS,
+           "a zero head would make the backbone's Jacobian zero, so only the head would learn"),
+    one_of("method.bn_affine", BN_AFFINE),
+    one_of("method.tangent", TANGENT_PATHS),
     Rule("method.prefix_cache_gb", lambda v: v is None or (_is_number(v) and v > 0), "null or a number > 0 (GB)"),
     Rule("method.jacobian_cache_gb", lambda v: v is None or (_is_number(v) and v > 0), "null or a number > 0 (GB)"),
-    Rule("task.name", lambda v: v in ("finetune", "pretrain", "online"), "one of finetune, pretrain, online"),
+    one_of("task.name", TASKS),
     Rule("task.steps", lambda v: v is None or (isinstance(v, int) and v >= 1), "an integer >= 1 (task=online)"),
 )
 

@@ -17,9 +17,7 @@ from lqf_exp.head_fit import PROBE_L2_GRID
 from lqf_exp.losses import ClassificationLoss
 from lqf_exp.methods.base import GradientMethod, OptimizerFactory, SchedulerFactory
 from lqf_exp.methods.probe import FittedHead, head_of, parse_head_l2
-
-HEAD_INITS = ("random", "probe")
-BN_MODES = ("train", "eval")
+from lqf_exp.options import BN_MODES, HEAD_INITS
 
 
 class FineTune(FittedHead, GradientMethod):

@@ -8,7 +8,8 @@ from typing import Any
 
 from torch import nn
 
-ACTIVATIONS: tuple[str, ...] = ("relu", "leaky_relu")
+from lqf_exp.options import ACTIVATIONS
+
 DEFAULT_NEGATIVE_SLOPE = 0.01
 
 ActivationFactory = Callable[[], nn.Module]

@@ -12,11 +12,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from lqf_exp.options import POOLINGS
+
 from .activations import ActivationFactory, make_activation
 
 __all__ = ["POOLINGS", "SqrtCovPooling", "covariance", "sqrtm_newton_schulz", "upper_triangle"]
 
-POOLINGS: tuple[str, ...] = ("avg", "sqrt_cov")
 
 
 def covariance(x: Tensor) -> Tensor:

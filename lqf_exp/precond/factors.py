@@ -25,9 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lqf_exp.losses import ClassificationLoss
+from lqf_exp.options import FISHER_TYPES, KFAC_APPROXES
 
-FISHER_TYPES = ("type2", "mc", "empirical")
-KFAC_APPROXES = ("expand", "reduce")
 REDUCTIONS = ("mean", "sum")
 
 # Unfolded conv inputs are processed in chunks of at most this many elements, to bound peak memory.
