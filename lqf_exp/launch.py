@@ -7,6 +7,9 @@ Two fixes that Hydra + Lightning need (see docs/architecture.md, "Sweeps and DDP
   own overrides, in RUN mode, in the job's output dir.
 - Hydra's local launchers do not assign GPUs. ``claim_gpu_slot`` gives each worker process one GPU for its lifetime
   (an exclusive lock file per GPU), so ``launcher=local_gpus`` runs one cell per GPU.
+
+A user's mistake (a bad config value, a missing data set or weights file) ends a single run with one line on stderr
+and exit status 1, as Hydra's own errors for unknown options do; ``HYDRA_FULL_ERROR=1`` shows the traceback.
 """
 
 from __future__ import annotations
@@ -19,9 +22,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
+from lqf_exp.validation import ConfigError
+
 log = logging.getLogger(__name__)
 
 _held_slot: tuple[int, IO[str]] | None = None
+
+# Errors the project raises on purpose with a message that names the value and the remedy: the traceback under them
+# says nothing the message does not. FileNotFoundError: missing data roots, checkpoints and weights files.
+USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, FileNotFoundError)
 
 
 def job_subprocess_command(local_rank: int) -> tuple[Sequence[str], str]:
@@ -93,11 +102,14 @@ def run_job(cfg) -> float | None:  # noqa: ANN001 - a DictConfig, typed loosely 
     environment = dict(os.environ)
     try:
         return run(cfg).get("metrics", {}).get("test/acc")
-    except Exception:
+    except Exception as error:
         in_sweep = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
         if in_sweep and cfg.get("continue_on_error", True):
             log.exception("This cell failed (see error.json in its dir); the other cells still run")
             return None
+        if not in_sweep and isinstance(error, USER_ERRORS) and os.environ.get("HYDRA_FULL_ERROR") != "1":
+            # SystemExit passes Hydra's handler, which would print the traceback; Python prints the text, exits 1.
+            raise SystemExit(f"Error: {error} (HYDRA_FULL_ERROR=1 shows the traceback)") from None
         raise
     finally:
         _end_distributed_job(environment)
