@@ -123,31 +123,31 @@ def build_steps(dry: bool, out: Path, bf16_problem: str | None, with_compile: bo
     def limit(gpu_s: float) -> float:  # seconds per step; dry: toy sizes, but a loaded 2-core box
         return 120.0 if dry else gpu_s
 
+    bf16 = ["--precision", "bf16-mixed"]
+    sized = f"{timing[1]} {timing[3]} px batch {timing[5]}"  # step_time's --model, --image-size, --batch
     steps = [
         Step("gpu_tests", "pytest -m gpu (tests/test_gpu.py: fused vs autodiff, bf16, compile)",
              [py, "-m", "pytest", "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider", tests], limit(100), parse_pytest),
         run("run_fp32", "python run.py trainer=gpu (the default LQF run)", [*trainer, *digits], limit(75)),
         run("run_bf16", "the same, trainer.precision=bf16-mixed", [*trainer, *digits, "trainer.precision=bf16-mixed"],
             limit(75)),
-        run("imagefolder_resnet50", "model=resnet50 model.weights=null data=imagefolder, 224 px, 2 passes",
+        run("imagefolder_resnet50", f"{folder_run[0]} model.weights=null data=imagefolder {folder['size']} px 2 passes",
             [*trainer, *folder_run, *BOUNDED, "model.weights=null", "data=imagefolder", f"data.root={root}",
-             "trainer.max_epochs=3"], limit(90),
-            prepare=lambda: make_image_folder(root, **folder)),
-        step_time("step_time_fp32", "benchmarks/step_time.py resnet50 224 px batch 64, fp32", ["--tangent", "fused",
-                  "autodiff"], limit(60)),
-        step_time("step_time_bf16", "the same, --precision bf16-mixed", ["--tangent", "fused", "--precision",
-                  "bf16-mixed"], limit(45)),
-        Step("kfac_overhead", "benchmarks/kfac_overhead.py resnet50 224 px batch 64", [py, "-c", KFAC_RUNNER, *kfac],
-             limit(60), parse_kfac),
-        step_time("step_time_fp32_compile", "step_time fp32 --compile", ["--tangent", "fused", "--compile"],
+             "trainer.max_epochs=3"], limit(90), prepare=lambda: make_image_folder(root, **folder)),
+        step_time("step_time_fp32", f"benchmarks/step_time.py {sized}, fp32", ["--tangent", "fused", "autodiff"],
+                  limit(60)),
+        step_time("step_time_bf16", f"step_time {sized}, bf16-mixed", ["--tangent", "fused", *bf16], limit(45)),
+        Step("kfac_overhead", f"benchmarks/kfac_overhead.py {kfac[2]} {kfac[4]} px batch {kfac[6]}",
+             [py, "-c", KFAC_RUNNER, *kfac], limit(60), parse_kfac),
+        step_time("step_time_fp32_compile", f"step_time {sized}, fp32 --compile", ["--tangent", "fused", "--compile"],
                   limit(150)),
-        step_time("step_time_bf16_compile", "step_time bf16-mixed --compile", ["--tangent", "fused", "--precision",
-                  "bf16-mixed", "--compile"], limit(150)),
+        step_time("step_time_bf16_compile", f"step_time {sized}, bf16-mixed --compile",
+                  ["--tangent", "fused", *bf16, "--compile"], limit(150)),
     ]
     for step in steps:
         step.device = "cpu" if dry else "cuda"
         if dry:
-            step.what = step.what.replace("trainer=gpu", "trainer=cpu") + " [dry run: toy size, CPU]"
+            step.what = step.what.replace("trainer=gpu", "trainer=cpu") + " [dry run]"
         if "bf16" in step.name and bf16_problem is not None:
             step.status, step.reason = "skipped", bf16_problem
         if "compile" in step.name and dry and not with_compile:
@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true", help="toy sizes on the CPU (checks the script, not a GPU)")
     p.add_argument("--with-compile", action="store_true", help="dry run: run the compile steps too (minutes)")
     p.add_argument("--steps", default=None, help="comma-separated step names to run; the others are skipped")
-    p.add_argument("--budget", type=float, default=None, help="seconds for all steps (default 470 GPU, 300 dry)")
+    p.add_argument("--budget", type=float, default=None, help="seconds for all steps (default 470 GPU, 480 dry)")
     args = p.parse_args(argv)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
             step.status, step.reason = "skipped", "no CUDA device (use --dry-run on a CPU)"
     report = {"mode": "dry-run" if args.dry_run else "gpu", "started": now(), "finished": None,
               "command": shlex.join([sys.executable, *sys.argv]), "host": platform.node(), "environment": env_info}
-    budget = args.budget if args.budget is not None else (300.0 if args.dry_run else 470.0)
+    budget = args.budget if args.budget is not None else (480.0 if args.dry_run else 470.0)
     run_steps(steps, out, budget, report)
     for s in steps:
         print(f"{s.name:24s} {s.status:8s} {s.seconds or 0:7.1f} s  {s.reason or ''}")
