@@ -10,7 +10,9 @@ the solver's whole state and what rebuilds the rest of w0 (the model config), no
 
 from __future__ import annotations
 
+import itertools
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -56,6 +58,7 @@ class LQF(ClassifierModule):
 
     method_name = "lqf"
     test_checkpoint = "final"
+    _fixed_pass: Iterator[tuple[Tensor, Tensor]] | None = None  # a limited pass's batches (_pass_batches)
 
     def __init__(
         self,
@@ -237,7 +240,8 @@ class LQF(ClassifierModule):
             self._pending = None
         self.objective.attach_cache(self.jacobian_cache)
         train_size = len(self.train_data())
-        self.controller.start(self.objective, train_size, self.trainer.world_size, self.evaluate)
+        self.controller.start(self.objective, train_size, self.trainer.world_size, self.evaluate,
+                              scale=self.loss_fn.zero_predictor_loss(self.num_classes))
         if self.dual_solution is not None and self.controller.status == "running":
             self.controller.accept_optimum(unflatten(self.dual_solution, self.objective.deltas), self.evaluate)
             self.dual_solution = None
@@ -262,7 +266,29 @@ class LQF(ClassifierModule):
             if batch_idx == 0:  # one (empty) solver step, so that Lightning counts the epoch and checkpoints it
                 self.optimizers().step()
             return
-        images, labels = batch
+        for images, labels in self._pass_batches(batch, batch_idx):
+            self._solver_step(images, labels)
+
+    def _pass_batches(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> list[tuple[Tensor, Tensor]]:
+        """What the solver steps on at the loader's ``batch_idx``-th batch: that batch, or under
+        ``trainer.limit_train_batches`` the next batch of ``train_data()`` in a fixed order (the rest of it at the
+        loader's last batch).
+
+        The limited loader gives the first k batches of a new shuffle every epoch: other samples than the objective
+        is scored on (``train_data()``: the first k batches' worth, in order) and others from pass to pass, so two
+        passes' objectives measured different problems (a smoke run whose start interpolated its samples was
+        declared diverged). In a fixed order every pass steps on, and is scored on, the same samples.
+        """
+        data = self.train_data()
+        if data is self.trainer.datamodule.train_dataset:
+            return [batch]
+        if batch_idx == 0 or self._fixed_pass is None:
+            self._fixed_pass = iter(DataLoader(self._rank_share(data), batch_size=len(batch[1]), shuffle=False))
+        last = batch_idx + 1 >= self.trainer.num_training_batches
+        chosen = list(self._fixed_pass) if last else list(itertools.islice(self._fixed_pass, 1))
+        return [(x.to(self.device), y.to(self.device)) for x, y in chosen]
+
+    def _solver_step(self, images: Tensor, labels: Tensor) -> None:
         report: dict[str, Any] = {}
         # The solve runs in float32 under any trainer precision: the solvers step by an exact quadratic model of the
         # objective, and bf16 logits and curvature products break it (a bf16-mixed solve of the default task reported
@@ -271,7 +297,10 @@ class LQF(ClassifierModule):
         with torch.autocast(images.device.type, enabled=False):
             self.optimizers().step(closure=lambda: report.update(self.controller.step(images, labels)))
         if "loss" in report:
-            self.log("train/loss", report.pop("loss"), on_step=True, on_epoch=True, prog_bar=True,
+            # The step's mini-batch objective at δ before the step: mean_n ℓ_n over its batches + (λ/2)‖δ‖², the
+            # normalization of solver/objective (the whole training set after the pass); named so, not train/loss,
+            # which for the other methods is the loss without a penalty.
+            self.log("solver/batch_objective", report.pop("loss"), on_step=True, on_epoch=False, prog_bar=True,
                      batch_size=len(labels))
         for key, value in report.items():
             self.log(f"solver/{key}", value, on_step=True, on_epoch=False)
