@@ -112,9 +112,14 @@ def _train_and_test(
 ) -> dict[str, Any]:
     started = time.time()
     pl.seed_everything(cfg.seed, workers=True)
-    datamodule: ClassificationDataModule = build(cfg.data)
+    # trainer.precision=64-true: Lightning makes the module float64 only after its setup hook (LQF fits its head
+    # there) and casts only the training batches, so the data and the module are float64 from the start.
+    float64 = str(cfg.trainer.get("precision")).startswith("64")
+    datamodule: ClassificationDataModule = build(cfg.data, **({"dtype": "float64"} if float64 else {}))
     datamodule.setup("fit")  # bad roots and impossible `shots` fail here, before any model is built
     module = build_module(cfg, datamodule)
+    if float64:
+        module.double()
     callbacks = instantiate_collection(cfg.get("callbacks"))
     if cfg.precond.get("callback"):
         callbacks.append(build(cfg.precond.callback))

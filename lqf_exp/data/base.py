@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from lqf_exp.data.distributed import EvalShard, GlobalBatchShard, rank_and_world
 from lqf_exp.data.sampling import EpochShuffle, check_shots, k_shot_indices
 
 
@@ -77,6 +78,25 @@ class TensorImageDataset(Dataset):
         return (image - self.mean) / self.std, int(self.labels[index])
 
 
+# data.dtype: float64 images feed a trainer.precision=64-true run, whose network is float64 end to end (checks that
+# two runs agree to rounding, e.g. DDP against one process, need it: float32 rounding grows along a solve).
+_IMAGE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+class CastImages(Dataset):
+    """``base``'s items with the image cast to ``dtype``."""
+
+    def __init__(self, base: Dataset, dtype: torch.dtype) -> None:
+        self.base, self.dtype = base, dtype
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Any]:
+        image, label = self.base[index]
+        return image.to(self.dtype), label
+
+
 def kept_indices(drop_file: Path, size: int) -> list[int]:
     """The training-set positions not listed in ``drop_file`` (one integer per line), in order; a clear error for
     a malformed, out-of-range or duplicated entry, or a file that drops everything."""
@@ -101,7 +121,8 @@ class ClassificationDataModule(pl.LightningDataModule):
     Subclasses implement :meth:`load_splits`. ``setup`` loads everything once (later calls are
     no-ops). ``shots`` keeps exactly k seeded images per class of the *train* split only; the val and
     test splits depend on ``split_seed`` alone. The train loader shuffles with a generator seeded
-    by ``shuffle_seed`` (default: ``shots_seed``, i.e. the run seed).
+    by ``shuffle_seed`` (default: ``shots_seed``, i.e. the run seed); ``batch_size`` is the global batch, which
+    data-parallel ranks split (:mod:`lqf_exp.data.distributed`).
     """
 
     def __init__(
@@ -117,8 +138,11 @@ class ClassificationDataModule(pl.LightningDataModule):
         shuffle_seed: int | None = None,
         pin_memory: bool | None = None,
         drop: str | None = None,
+        dtype: str = "float32",
     ) -> None:
         super().__init__()
+        if dtype not in _IMAGE_DTYPES:
+            raise ValueError(f"data.dtype must be one of {sorted(_IMAGE_DTYPES)}, got {dtype!r}")
         if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
             raise ValueError(f"batch sizes must be >= 1, got {batch_size} / {eval_batch_size}")
         if num_workers < 0:
@@ -138,6 +162,7 @@ class ClassificationDataModule(pl.LightningDataModule):
         self.drop = None if drop is None else Path(drop)
         if self.drop is not None and not self.drop.is_file():
             raise FileNotFoundError(f"data.drop={drop!r}: no such file (one training-set index per line)")
+        self.dtype = _IMAGE_DTYPES[dtype]
         self._splits: Splits | None = None
         self._train: Dataset | None = None
 
@@ -163,6 +188,9 @@ class ClassificationDataModule(pl.LightningDataModule):
             train = Subset(splits.train, idx.tolist())
         if self.drop is not None:
             train = Subset(train, kept_indices(self.drop, len(train)))  # type: ignore[arg-type]
+        if self.dtype != torch.float32:
+            train = CastImages(train, self.dtype)
+            splits = replace(splits, val=CastImages(splits.val, self.dtype), test=CastImages(splits.test, self.dtype))
         self._train = train
         self._splits = splits
 
@@ -194,20 +222,23 @@ class ClassificationDataModule(pl.LightningDataModule):
         return self._require().test
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
-        sampler = EpochShuffle(len(dataset), self.shuffle_seed) if shuffle else None  # type: ignore[arg-type]
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            sampler=sampler,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
-        )
+        """A loader of this rank's share (all of it in one process): a shuffled split as shares of the global
+        batches of the single-process order, an evaluation split as a contiguous unpadded block (distributed.py)."""
+        rank, world = rank_and_world(self.trainer)  # None until a Trainer attaches this module
+        options: dict[str, Any] = {"num_workers": self.num_workers, "pin_memory": self.pin_memory,
+                                   "persistent_workers": self.num_workers > 0}
+        if shuffle:
+            order = EpochShuffle(len(dataset), self.shuffle_seed)  # type: ignore[arg-type]
+            return DataLoader(dataset, batch_sampler=GlobalBatchShard(order, batch_size, rank, world), **options)
+        sampler = EvalShard(dataset, rank, world) if world > 1 else None  # type: ignore[arg-type]
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, **options)
 
     def train_dataloader(self) -> DataLoader:
+        """Batches of ``batch_size`` (the global batch: under data parallelism each rank gets its share)."""
         return self._loader(self.train_dataset, self.batch_size, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
+        """``eval_batch_size`` per loader batch, of this rank's block of the split (every sample scored once)."""
         return self._loader(self.val_dataset, self.eval_batch_size, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:

@@ -9,7 +9,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
-from torchmetrics import MaxMetric
+from torchmetrics import MaxMetric, MeanMetric, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from lqf_exp.curvature import CurvatureTargets
@@ -49,6 +49,11 @@ class ClassifierModule(pl.LightningModule):
         self.configure_trainable()
         metric = lambda: MulticlassAccuracy(num_classes=num_classes, average="micro")  # noqa: E731
         self.train_acc, self.val_acc, self.test_acc = metric(), metric(), metric()
+        # Loss and sample count as summed states (torchmetrics all-reduces them), so that under data parallelism the
+        # val/test loss is the mean over all samples and not a mean of per-rank means, and the count shows that each
+        # sample was scored once.
+        self.eval_loss = nn.ModuleDict({split: MeanMetric() for split in ("val", "test")})
+        self.eval_samples = nn.ModuleDict({split: SumMetric() for split in ("val", "test")})
         self.val_acc_best = MaxMetric()
         self.val_acc_best.persistent(True)  # a resumed run keeps its best-validation record
 
@@ -91,9 +96,12 @@ class ClassifierModule(pl.LightningModule):
         logits = self(images)
         loss = self.loss_fn(logits, labels)
         accuracy(logits, labels)
-        self.log(f"{split}/loss", loss, on_epoch=True, prog_bar=split == "val", batch_size=len(labels),
-                 sync_dist=True)
+        mean_loss, samples = self.eval_loss[split], self.eval_samples[split]
+        mean_loss(loss.detach(), len(labels))
+        samples(len(labels))
+        self.log(f"{split}/loss", mean_loss, on_epoch=True, prog_bar=split == "val")
         self.log(f"{split}/acc", accuracy, on_epoch=True, prog_bar=True)
+        self.log(f"{split}/samples", samples, on_epoch=True)
         return loss
 
     def on_train_start(self) -> None:

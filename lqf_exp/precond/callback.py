@@ -26,6 +26,11 @@ def _split_batch(batch: Any) -> tuple[Tensor, Tensor | None]:
     return batch, None
 
 
+def _splits_global_batches(loader: Any) -> bool:
+    """True for a loader whose ranks split every global batch (lqf_exp.data.distributed.GlobalBatchShard)."""
+    return bool(getattr(getattr(loader, "batch_sampler", None), "splits_global_batches", False))
+
+
 class _Sized:
     """Batches with a known count, so that the operator's progress bar shows a total (tqdm reads ``len``)."""
 
@@ -119,12 +124,22 @@ class KFACPreconditioner(pl.Callback):
             raise RuntimeError("KFACPreconditioner needs trainer.fit(..., datamodule=...) to read curvature batches")
         loader = trainer.datamodule.train_dataloader()
         world, rank = max(1, trainer.world_size), trainer.global_rank
+        if _splits_global_batches(loader):  # batch i is this rank's share of global batch i: take them all
+            yield from (b for _, b in zip(range(self._batches(trainer)), loader, strict=False))
+            return
         if isinstance(getattr(loader, "sampler", None), DistributedSampler):  # already sharded by the loader
             yield from (b for _, b in zip(range(math.ceil(self._batches(trainer) / world)), loader, strict=False))
             return
         for i, batch in zip(range(self._batches(trainer)), loader, strict=False):
             if i % world == rank:
                 yield batch
+
+    def _local_count(self, trainer: pl.Trainer) -> int:
+        """How many batches :meth:`_local_batches` yields (the progress bar's total; a new loader reads no data)."""
+        loader = trainer.datamodule.train_dataloader() if trainer.datamodule is not None else None
+        if _splits_global_batches(loader):
+            return self._batches(trainer)
+        return math.ceil(self._batches(trainer) / max(1, trainer.world_size))
 
     def _batches(self, trainer: pl.Trainer) -> int:
         """``num_batches``, capped by an integer ``limit_train_batches`` (a smoke run should not estimate more)."""
@@ -144,8 +159,7 @@ class KFACPreconditioner(pl.Callback):
         if self.operator.factors is not None:  # restored from a checkpoint: no recomputation
             self.operator.invert()
         else:
-            batches = _Sized((_split_batch(b) for b in self._local_batches(trainer)),
-                             math.ceil(self._batches(trainer) / max(1, trainer.world_size)))
+            batches = _Sized((_split_batch(b) for b in self._local_batches(trainer)), self._local_count(trainer))
             self.operator.estimate(batches, self._generator_seed(trainer), progress=trainer.is_global_zero)
             self._report(trainer)
         self._attach()
