@@ -1,37 +1,40 @@
-"""The fused tangent path of :class:`~lqf_exp.linearize.LinearizedNetwork` (``method.tangent=fused``).
+"""The fused tangent path of :class:`~lqf_exp.linearize.LinearizedNetwork` (``method.tangent=fused``): dual modules.
 
 Forward-mode AD runs every layer twice (primal, then tangent) plus the ``conv(x, δW)`` term. Here the primal and
-tangent streams travel as ONE tensor ``z = [primal; tangent]`` stacked on the batch axis, through per-module rules:
+tangent streams travel as ONE tensor ``z = [primal; tangent]`` stacked on the batch axis, through a *dual copy* of
+the linearized blocks, built once at construction (:func:`build_dual`): the containers keep their class (so their
+own ``forward`` code, residual sums included, runs unchanged on ``z``) and every leaf is replaced by its dual
+counterpart:
 
-- ``Conv2d``/``Linear``: ``conv(z, W0)`` in one call (the weights are read once for both streams), then
-  ``conv(primal, δW) + δb`` is added to the tangent half. The backward pass (a custom autograd function)
-  differentiates only the tangent half: ``convᵀ(g_t, W0)`` and the δW gradient, the two convolutions fine-tuning
-  also does; the primal stream never depends on δ, so its gradient is never formed.
-- eval ``BatchNorm``: one per-channel scale of ``z`` and a shift of the primal half only (the tangent of an affine
-  map has no shift).
-- ``ReLU``/``LeakyReLU``: ``z`` times the slope mask of the primal half.
-- ``MaxPool2d``: the tangent is gathered at the primal's argmax.
-- linear glue (residual sums, average pooling, flatten, identity, eval dropout) works on ``z`` unchanged.
+- ``Conv2d``/``Linear`` → :class:`DualConv2d`/:class:`DualLinear`: ``conv(z, W0)`` in one call (the weights are read
+  once for both streams), then ``conv(primal, δW) + δb`` is added to the tangent half. The backward pass (a custom
+  autograd function, :mod:`lqf_exp.tangent_ops`) differentiates only the tangent half.
+- eval ``BatchNorm`` → :class:`DualBatchNorm`: one per-channel scale of ``z`` and a shift of the primal half only.
+- ``ReLU``/``LeakyReLU`` → :class:`DualActivation`: ``z`` times the slope mask of the primal half.
+- ``MaxPool2d`` → :class:`DualMaxPool2d`: the tangent is gathered at the primal's argmax.
+- linear glue (average pooling, flatten, identity, eval dropout) is shared as it is: it acts alike on both halves.
 
-A module without a rule that receives ``z`` raises a clear error; non-linearities called as functions inside a
-``forward`` cannot be seen, so :class:`~lqf_exp.linearize.LinearizedNetwork` checks the first batch against
-forward-mode AD. Until a module with a δ is reached, the input is the plain batch (its tangent is zero).
+The dual modules hold no weights of their own. They read w0 from the base network's leaf and δ from the
+:class:`~lqf_exp.linearize.LinearizedNetwork`'s ``deltas`` at call time, through references that are not
+registered (so no state-dict key, no second copy, and ``torch.func.functional_call`` on ``deltas.*`` reaches
+them). Whether a module's input is stacked is fixed at construction: the first linearized block receives the plain
+batch, either through a Conv/Linear leaf built for a plain input or through :class:`StackZeroTangent`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
-from functools import partial
+import copy
+from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from lqf_exp.tangent_ops import DualConv, DualLinear, autocast_inputs
+from lqf_exp.tangent_ops import DualConvFunction, DualLinearFunction, autocast_inputs
 
-__all__ = ["FusedTangent", "UnsupportedModuleError", "fused_supports"]
+__all__ = ["DualActivation", "DualBatchNorm", "DualConv2d", "DualLinear", "DualMaxPool2d", "StackZeroTangent",
+           "UnsupportedModuleError", "build_dual", "fused_supports"]
 
 # Modules that are linear maps applied alike to every sample: they act on z = [primal; tangent] as they are.
 _LINEAR_PASSTHROUGH = (nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.Flatten, nn.Identity, nn.Dropout)
@@ -39,19 +42,12 @@ _RULED = (nn.Conv2d, nn.Linear, _BatchNorm, nn.ReLU, nn.LeakyReLU, nn.MaxPool2d)
 
 
 class UnsupportedModuleError(RuntimeError):
-    """A module without a fused tangent rule received the stacked primal/tangent tensor."""
-
-
-def _conv_args(module: nn.Conv2d) -> tuple:
-    if module.padding_mode != "zeros":
-        raise UnsupportedModuleError(f"fused tangent: Conv2d padding_mode={module.padding_mode!r} (only 'zeros')")
-    return module.stride, module.padding, module.dilation, module.groups
+    """A module of the linearized blocks has no fused tangent rule."""
 
 
 def fused_supports(module: nn.Module) -> bool:
     """Whether ``module`` (a leaf) has a fused tangent rule or is linear glue that needs none (the variants the rules
-    refuse — non-zero padding modes, max-pool returning indices — count as unsupported, so ``tangent=auto`` falls
-    back instead of raising)."""
+    refuse — non-zero padding modes, max-pool returning indices — count as unsupported)."""
     if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
         return False
     if isinstance(module, nn.MaxPool2d) and module.return_indices:
@@ -59,143 +55,192 @@ def fused_supports(module: nn.Module) -> bool:
     return isinstance(module, _RULED + _LINEAR_PASSTHROUGH)
 
 
-class FusedTangent:
-    """Runs ``net`` on ``z = [primal; tangent]`` by installing per-module rules for the duration of one call.
+def _halves(z: Tensor) -> Tensor:
+    """``z`` viewed as ``[2, B, ...]``: primal and tangent."""
+    return z.view(2, z.shape[0] // 2, *z.shape[1:])
 
-    Args:
-        net: the network at w0 (eval mode).
-        blocks: the top-level children that can see a tangent (the linearized blocks); the others run as they are.
-    """
 
-    def __init__(self, net: nn.Module, blocks: list[str]) -> None:
-        self.net = net
-        self.blocks = list(blocks)
-        self._batch = 0
-        # the leaves that can see the stacked tensor, found once (the rules are installed on every call)
-        self._leaves = [(name, m) for name, m in net.named_modules()
-                        if next(m.children(), None) is None and name.split(".")[0] in self.blocks]
+class _DualLeaf(nn.Module):
+    """A dual module: reads w0 from ``base`` and δ from ``deltas[keys[...]]`` when called (neither registered here)."""
 
-    def __call__(self, x: Tensor, tangent_of: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """``(f(x; w0), J(x; w0)·v)``, the second differentiable in the tangents; ``tangent_of`` maps a parameter
-        name (``layer1.0.conv1.weight``) to its tangent (δ or any direction ``v``)."""
-        self._batch = x.shape[0]
-        with self._rules(tangent_of):
-            out = self.net(x)
-        if self._is_dual(out):
-            return out[: self._batch], out[self._batch :]
-        return out, torch.zeros_like(out)
+    def __init__(self, base: nn.Module, deltas: nn.ParameterDict, keys: dict[str, str]) -> None:
+        super().__init__()
+        # Plain attributes, not submodules/parameters: the LinearizedNetwork owns both, so its state dict, .to()
+        # and DDP see them once; functional_call(..., {"deltas.<key>": v}) swaps what these lookups return.
+        self.__dict__["base"] = base
+        self.__dict__["deltas"] = deltas
+        self.keys = dict(keys)
 
-    def unsupported(self) -> list[str]:
-        """The leaf modules of the tangent-carrying blocks that have no fused rule (and are not linear glue)."""
-        return [f"{name} ({type(m).__name__})" for name, m in self._leaves if not fused_supports(m)]
+    def delta(self, name: str) -> Tensor | None:
+        key = self.keys.get(name)
+        return None if key is None else self.deltas[key]
 
-    # -- rules ------------------------------------------------------------------------------------------------
-    def _is_dual(self, z: Tensor) -> bool:
-        return z.shape[0] == 2 * self._batch
+    def extra_repr(self) -> str:
+        return f"{type(self.base).__name__}, δ={sorted(self.keys)}"
 
-    @contextmanager
-    def _rules(self, tangent_of: Mapping[str, Tensor]) -> Iterator[None]:
-        patched = []
-        try:
-            for name, module in self._leaves:
-                rule = self._rule_for(name, module, tangent_of)
-                if rule is not None:
-                    module.forward = rule  # type: ignore[method-assign]  # instance attribute shadows the class's
-                    patched.append(module)
-            yield
-        finally:
-            for module in patched:
-                del module.forward
 
-    def _rule_for(self, name: str, module: nn.Module, tangent_of: Mapping[str, Tensor]) -> Callable | None:
-        prefix = f"{name}." if name else ""
-        dw, db = tangent_of.get(prefix + "weight"), tangent_of.get(prefix + "bias")
-        if isinstance(module, nn.Conv2d):
-            return partial(self._conv, module, _conv_args(module), dw, db)
-        if isinstance(module, nn.Linear):
-            return partial(self._linear, module, dw, db)
-        if isinstance(module, _BatchNorm):
-            return partial(self._batch_norm, module, dw, db)
-        if isinstance(module, (nn.ReLU, nn.LeakyReLU)):
-            slope = module.negative_slope if isinstance(module, nn.LeakyReLU) else 0.0
-            return partial(self._activation, module, slope)
-        if isinstance(module, nn.MaxPool2d):
-            return partial(self._max_pool, module)
-        if isinstance(module, _LINEAR_PASSTHROUGH):
-            return None
-        if any(p in tangent_of for p in (prefix + n for n, _ in module.named_parameters())):
-            raise UnsupportedModuleError(
-                f"fused tangent: module {name!r} ({type(module).__name__}) has a δ but no fused rule; "
-                "use method.tangent=autodiff"
-            )
-        return partial(self._guard, module, name)
+class DualConv2d(_DualLeaf):
+    """``[conv(p, W0) + b0; conv(t, W0) + conv(p, δW) + δb]``; ``plain_input``: the input is ``p`` alone (t = 0)."""
 
-    def _guard(self, module: nn.Module, name: str, z: Tensor) -> Tensor:
-        if self._is_dual(z):
-            raise UnsupportedModuleError(
-                f"fused tangent: module {name!r} ({type(module).__name__}) has no fused tangent rule and is "
-                "reached by the tangent; use method.tangent=autodiff"
-            )
-        return type(module).forward(module, z)
+    def __init__(self, base: nn.Conv2d, deltas: nn.ParameterDict, keys: dict[str, str], plain_input: bool) -> None:
+        super().__init__(base, deltas, keys)
+        self.args = (base.stride, base.padding, base.dilation, base.groups)
+        self.plain_input = plain_input
 
-    def _conv(self, module: nn.Conv2d, args: tuple, dw: Tensor | None, db: Tensor | None, z: Tensor) -> Tensor:
-        dual = self._is_dual(z)
-        if not dual and dw is None and db is None:
-            return type(module).forward(module, z)
-        return DualConv.apply(*autocast_inputs(z, dw, db, module.weight, module.bias), args, dual)
+    def forward(self, z: Tensor) -> Tensor:
+        inputs = autocast_inputs(z, self.delta("weight"), self.delta("bias"), self.base.weight, self.base.bias)
+        return DualConvFunction.apply(*inputs, self.args, not self.plain_input)
 
-    def _linear(self, module: nn.Linear, dw: Tensor | None, db: Tensor | None, z: Tensor) -> Tensor:
-        dual = self._is_dual(z)
-        if not dual and dw is None and db is None:
-            return type(module).forward(module, z)
-        return DualLinear.apply(*autocast_inputs(z, dw, db, module.weight, module.bias), dual)
 
-    def _batch_norm(self, module: _BatchNorm, d_gamma: Tensor | None, d_beta: Tensor | None, z: Tensor) -> Tensor:
-        dual = self._is_dual(z)
-        if not dual and d_gamma is None and d_beta is None:
-            return type(module).forward(module, z)
-        assert module.running_var is not None and module.running_mean is not None  # eval mode, tracked stats
-        inv_std = torch.rsqrt(module.running_var + module.eps)
-        scale = inv_std if module.weight is None else inv_std * module.weight
-        shift = -module.running_mean * scale
-        if module.bias is not None:
-            shift = shift + module.bias
+class DualLinear(_DualLeaf):
+    """The ``Linear`` counterpart of :class:`DualConv2d`."""
+
+    def __init__(self, base: nn.Linear, deltas: nn.ParameterDict, keys: dict[str, str], plain_input: bool) -> None:
+        super().__init__(base, deltas, keys)
+        self.plain_input = plain_input
+
+    def forward(self, z: Tensor) -> Tensor:
+        inputs = autocast_inputs(z, self.delta("weight"), self.delta("bias"), self.base.weight, self.base.bias)
+        return DualLinearFunction.apply(*inputs, not self.plain_input)
+
+
+class DualBatchNorm(_DualLeaf):
+    """Eval BatchNorm on ``z``: scale both halves, shift the primal only; δγ, δβ (``bn_affine=linearize``) add
+    ``x̂·δγ + δβ`` to the tangent, ``x̂`` the normalized primal."""
+
+    def forward(self, z: Tensor) -> Tensor:
+        bn = self.base
+        assert bn.running_var is not None and bn.running_mean is not None  # eval mode, tracked statistics
+        inv_std = torch.rsqrt(bn.running_var + bn.eps)
+        scale = inv_std if bn.weight is None else inv_std * bn.weight
+        shift = -bn.running_mean * scale
+        if bn.bias is not None:
+            shift = shift + bn.bias
         view = (1, -1) + (1,) * (z.dim() - 2)
-        if not dual:
-            z = torch.cat([z, torch.zeros_like(z)])
-        zv = z.view(2, self._batch, *z.shape[1:])
+        zv = _halves(z)
         shifts = torch.stack([shift, torch.zeros_like(shift)]).view((2, 1, -1) + view[2:])
-        out = torch.addcmul(shifts.to(z.dtype), zv, scale.view((1,) + view).to(z.dtype)).view(z.shape)
+        out = torch.addcmul(shifts.to(z.dtype), zv, scale.view((1,) + view).to(z.dtype))
+        d_gamma, d_beta = self.delta("weight"), self.delta("bias")
         if d_gamma is None and d_beta is None:
-            return out
-        # δγ, δβ (bn_affine=linearize): the tangent gains x̂·δγ + δβ, x̂ the normalized primal.
+            return out.view(z.shape)
         extra = torch.zeros((), dtype=z.dtype, device=z.device)
         if d_gamma is not None:
-            normalized = (zv[0] - module.running_mean.view(view)) * inv_std.view(view)
+            normalized = (zv[0] - bn.running_mean.view(view)) * inv_std.view(view)
             extra = normalized.to(z.dtype) * d_gamma.view(view).to(z.dtype)
         if d_beta is not None:
             extra = extra + d_beta.view(view).to(z.dtype)
-        return torch.cat([out[: self._batch], out[self._batch :] + extra])
+        return torch.cat([out[0], out[1] + extra])
 
-    def _activation(self, module: nn.Module, slope: float, z: Tensor) -> Tensor:
-        if not self._is_dual(z):
-            return type(module).forward(module, z)
-        zv = z.view(2, self._batch, *z.shape[1:])
-        # Both halves times the primal's slope mask in one kernel: the activation's own backward op, with the
-        # stacked tensor as "gradient" (primal·mask = activation(primal); tangent·mask = its JVP). The mask holds no
-        # gradient, hence the detached primal.
-        mask_of = zv[0].detach().unsqueeze(0)
-        if slope == 0.0:
+
+class DualActivation(nn.Module):
+    """ReLU/LeakyReLU on ``z``: both halves times the primal's slope mask, in one kernel (the activation's own
+    backward op, with the stacked tensor as "gradient": primal·mask = activation(primal), tangent·mask = its JVP)."""
+
+    def __init__(self, negative_slope: float) -> None:
+        super().__init__()
+        self.negative_slope = float(negative_slope)
+
+    def forward(self, z: Tensor) -> Tensor:
+        zv = _halves(z)
+        mask_of = zv[0].detach().unsqueeze(0)  # the mask holds no gradient
+        if self.negative_slope == 0.0:
             return torch.ops.aten.threshold_backward(zv, mask_of, 0.0).view(z.shape)
-        return torch.ops.aten.leaky_relu_backward(zv, mask_of, slope, False).view(z.shape)
+        return torch.ops.aten.leaky_relu_backward(zv, mask_of, self.negative_slope, False).view(z.shape)
 
-    def _max_pool(self, module: nn.MaxPool2d, z: Tensor) -> Tensor:
-        if not self._is_dual(z):
-            return type(module).forward(module, z)
-        if module.return_indices:
-            raise UnsupportedModuleError("fused tangent: MaxPool2d(return_indices=True)")
-        primal, tangent = z[: self._batch], z[self._batch :]
-        p_out, index = F.max_pool2d(primal, module.kernel_size, module.stride, module.padding, module.dilation,
-                                    ceil_mode=module.ceil_mode, return_indices=True)
+    def extra_repr(self) -> str:
+        return f"negative_slope={self.negative_slope}"
+
+
+class DualMaxPool2d(nn.Module):
+    """Max pooling on ``z``: the primal's maximum, the tangent gathered at the primal's argmax."""
+
+    def __init__(self, base: nn.MaxPool2d) -> None:
+        super().__init__()
+        self.pool = (base.kernel_size, base.stride, base.padding, base.dilation, base.ceil_mode)
+
+    def forward(self, z: Tensor) -> Tensor:
+        primal, tangent = _halves(z)
+        kernel, stride, padding, dilation, ceil_mode = self.pool
+        p_out, index = F.max_pool2d(primal, kernel, stride, padding, dilation, ceil_mode=ceil_mode,
+                                    return_indices=True)
         t_out = tangent.flatten(2).gather(2, index.flatten(2)).view_as(p_out)
         return torch.cat([p_out, t_out])
+
+
+class StackZeroTangent(nn.Module):
+    """The entry of a linearized block that is not a Conv/Linear leaf: ``x`` → ``[x; 0]``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.cat([x, torch.zeros_like(x)])
+
+
+def _dual_leaf(name: str, module: nn.Module, deltas: nn.ParameterDict, key_of: dict[str, str],
+               plain_input: bool) -> nn.Module:
+    prefix = f"{name}." if name else ""
+    keys = {p: key_of[prefix + p] for p, _ in module.named_parameters(recurse=False) if prefix + p in key_of}
+    if not fused_supports(module):
+        raise UnsupportedModuleError(f"fused tangent: module {name!r} ({type(module).__name__}) has no fused rule; "
+                                     "use method.tangent=autodiff")
+    if isinstance(module, nn.Conv2d):
+        return DualConv2d(module, deltas, keys, plain_input)
+    if isinstance(module, nn.Linear):
+        return DualLinear(module, deltas, keys, plain_input)
+    if plain_input:  # not reached: build_dual wraps a plain-input module of another kind in StackZeroTangent
+        raise AssertionError(name)
+    if isinstance(module, _BatchNorm):
+        return DualBatchNorm(module, deltas, keys)
+    if isinstance(module, (nn.ReLU, nn.LeakyReLU)):
+        return DualActivation(module.negative_slope if isinstance(module, nn.LeakyReLU) else 0.0)
+    if isinstance(module, nn.MaxPool2d):
+        return DualMaxPool2d(module)
+    return module  # linear glue, shared: it has no parameters
+
+
+def _shell(module: nn.Module) -> nn.Module:
+    """A container of the same class and settings as ``module``, without its children, parameters or hooks."""
+    if any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False)):
+        raise UnsupportedModuleError(f"fused tangent: container {type(module).__name__} holds parameters or "
+                                     "buffers of its own, used outside any layer; use method.tangent=autodiff")
+    shell = copy.copy(module)
+    shell._modules = OrderedDict()
+    shell._parameters, shell._buffers = {}, {}
+    for hooks in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+                  "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs",
+                  "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+                  "_load_state_dict_post_hooks"):
+        if hasattr(shell, hooks):
+            setattr(shell, hooks, OrderedDict())
+    return shell
+
+
+def _dual_tree(name: str, module: nn.Module, deltas: nn.ParameterDict, key_of: dict[str, str],
+               plain_input: bool) -> nn.Module:
+    if next(module.children(), None) is None:
+        if plain_input and not isinstance(module, (nn.Conv2d, nn.Linear)):
+            return nn.Sequential(StackZeroTangent(), _dual_leaf(name, module, deltas, key_of, False))
+        return _dual_leaf(name, module, deltas, key_of, plain_input)
+    if plain_input:
+        return nn.Sequential(StackZeroTangent(), _dual_tree(name, module, deltas, key_of, False))
+    shell = _shell(module)
+    for child_name, child in module.named_children():
+        full = f"{name}.{child_name}" if name else child_name
+        shell.add_module(child_name, _dual_tree(full, child, deltas, key_of, False))
+    return shell
+
+
+def build_dual(net: nn.Module, blocks: list[str], deltas: nn.ParameterDict, key_of: dict[str, str]) -> nn.Module:
+    """The dual copy of ``net`` from the first of ``blocks`` (top-level children, in forward order) on.
+
+    Children before it (the frozen prefix) become ``nn.Identity``: the result maps the prefix's *output* (a plain
+    batch) to the stacked ``[f(x; w0); J(x; w0)·δ]``. ``key_of`` maps a parameter name of ``net`` to its key in
+    ``deltas``. Raises :class:`UnsupportedModuleError` for a module without a rule.
+    """
+    children = [n for n, _ in net.named_children()]
+    first = children.index(blocks[0])
+    root = _shell(net)
+    for index, (child_name, child) in enumerate(net.named_children()):
+        if index < first:
+            root.add_module(child_name, nn.Identity())
+        else:
+            root.add_module(child_name, _dual_tree(child_name, child, deltas, key_of, plain_input=index == first))
+    return root

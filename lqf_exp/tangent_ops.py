@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["UNFOLD_MAX_POSITIONS", "DualConv", "DualLinear", "autocast_inputs"]
+__all__ = ["UNFOLD_MAX_POSITIONS", "DualConvFunction", "DualLinearFunction", "autocast_inputs"]
 
 # On CPU, oneDNN's weight gradient is slow when a convolution has few output positions per sample (ResNet's last
 # stages at small resolution: 7× a forward at 1×1, 2.6× at 2×2, on the 2-core box); there an unfold and one matrix
@@ -54,7 +54,7 @@ def autocast_inputs(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
     return tuple(None if t is None else t.to(dtype) for t in tensors)
 
 
-class DualConv(torch.autograd.Function):
+class DualConvFunction(torch.autograd.Function):
     """``[conv(p, W0) + b0; conv(t, W0) + conv(p, δW) + δb]`` for ``z = [p; t]``; gradients for t, δW, δb only."""
 
     @staticmethod
@@ -105,8 +105,8 @@ class DualConv(torch.autograd.Function):
         return grad_z, grad_dw, grad_db, None, None, None, None
 
 
-class DualLinear(torch.autograd.Function):
-    """The ``Linear`` counterpart of :class:`DualConv` (inputs ``[..., in]``)."""
+class DualLinearFunction(torch.autograd.Function):
+    """The ``Linear`` counterpart of :class:`DualConvFunction` (inputs ``[..., in]``)."""
 
     @staticmethod
     def forward(ctx, z: Tensor, dw: Tensor | None, db: Tensor | None, w0: Tensor, b0: Tensor | None,  # type: ignore[override]
@@ -123,7 +123,7 @@ class DualLinear(torch.autograd.Function):
         if b0 is not None:
             out[:batch] += b0
         ctx.dual, ctx.batch, ctx.has_db = dual, batch, db is not None
-        ctx.save_for_backward(primal.clone() if dual else primal, w0, dw)  # as in DualConv
+        ctx.save_for_backward(primal.clone() if dual else primal, w0, dw)  # as in DualConvFunction
         return out
 
     @staticmethod

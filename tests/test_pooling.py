@@ -150,7 +150,7 @@ def test_built_network_runs_and_linearizes_exactly() -> None:
         g = torch.Generator().manual_seed(1)
         for d in m.deltas.values():
             d.copy_(1e-2 * torch.randn(d.shape, generator=g, dtype=d.dtype))
-        _, tangent = m.forward_with_primal(x)
+        _, tangent = m(x, split=True)
         params = dict(m.net.named_parameters())
         at: Callable[[float], Tensor] = lambda h: functional_call(  # noqa: E731
             m.net, {n: params[n] + h * d for n, d in m.delta_named().items()}, (x,)

@@ -1,17 +1,20 @@
-"""The frozen-prefix feature cache of ``linearize=<block>``: the same δ with and without it, and its guards."""
+"""The frozen prefix of ``linearize=<block>``: an explicit module whose features, computed once per dataset, give the
+same linearized network, the same δ and the same run as the images do."""
 
 from __future__ import annotations
 
 import copy
 import logging
+from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from lqf_exp.linearize import LinearizedNetwork
 from lqf_exp.models import SmallResNet
-from lqf_exp.prefix_cache import PrefixFeatureCache
+from lqf_exp.pipeline import run
+from lqf_exp.prefix_cache import PrefixFeatures
 
 from .helpers.nets import randomize_bn
 
@@ -21,7 +24,7 @@ def small_net() -> nn.Module:
     return randomize_bn(SmallResNet(num_classes=3), 0).double()
 
 
-def train(m: LinearizedNetwork, x: torch.Tensor, y: torch.Tensor, epochs: int) -> list[torch.Tensor]:
+def train(m: LinearizedNetwork, x: Tensor, y: Tensor, epochs: int) -> list[Tensor]:
     """SGD on the MSE, reshuffled every epoch with one fixed seed (both runs see the same batches)."""
     opt = torch.optim.SGD(m.delta_list(), lr=1e-2)
     generator = torch.Generator().manual_seed(0)
@@ -35,55 +38,54 @@ def train(m: LinearizedNetwork, x: torch.Tensor, y: torch.Tensor, epochs: int) -
 
 @pytest.mark.parametrize("tangent", ["fused", "autodiff"])
 @pytest.mark.parametrize("linearize", ["layer2", "head"])
-def test_cached_and_uncached_runs_give_the_same_delta(tangent: str, linearize: str) -> None:
+def test_prefix_features_give_the_same_network_and_delta(tangent: str, linearize: str) -> None:
     net = small_net()
     x = torch.randn(12, 3, 16, 16, dtype=torch.float64)
     y = torch.randn(12, 3, dtype=torch.float64)
-    plain = LinearizedNetwork(copy.deepcopy(net), linearize=linearize, tangent=tangent)
-    cached = LinearizedNetwork(net, linearize=linearize, tangent=tangent, prefix_cache_gb=1.0)
-    calls = []
-    cached.net.conv1.register_forward_hook(lambda *_: calls.append(1))
-    expected, got = train(plain, x, y, epochs=3), train(cached, x, y, epochs=3)
+    on_images = LinearizedNetwork(copy.deepcopy(net), linearize=linearize, tangent=tangent)
+    m = LinearizedNetwork(net, linearize=linearize, tangent=tangent)
+    on_features = m.on_prefix_features()
+    assert len(m.prefix) > 0 and len(on_features.prefix) == 0
+    assert on_features.delta_list() == m.delta_list()  # the same δ objects: a view, not a copy
+    features = PrefixFeatures.compute(m.prefix, [(x[:5], y[:5]), (x[5:], y[5:])], 12, 1.0, "train")
+    assert features is not None and torch.equal(features.features, m.prefix(x)) and torch.equal(features.labels, y)
+    calls: list[int] = []
+    m.net.conv1.register_forward_hook(lambda *_: calls.append(1))
+    expected = train(on_images, x, y, epochs=3)
+    got = train(on_features, features.features, y, epochs=3)
+    assert calls == []  # no pass on the features ran the prefix
     for a, b in zip(got, expected, strict=True):
         assert torch.equal(a, b)
-    cache = cached.prefix_cache
-    assert cache is not None and len(cache.features) == 12
-    # 9 batches; a batch is served from the cache once all its samples were seen (all of epoch 2 and 3's)
-    assert cache.hits + cache.misses == 9 and cache.hits == 6
-    assert not cached.net.conv1.__dict__.get("forward")  # nothing left patched
-    calls.clear()
-    cached(x[:4])
-    assert calls == [1]  # the prefix child is still called (hooks see it), but its forward was skipped: ...
     with torch.no_grad():
-        assert torch.equal(cached(x[:4]), plain(x[:4]))  # ... and the answer is the same
+        assert torch.equal(on_features(features.features), on_images(x))
+        v = [torch.randn_like(d) for d in m.delta_list()]
+        for a, b in zip(on_features.jvp(features.features, v), on_images.jvp(x, v), strict=True):
+            assert torch.equal(a, b)
+    assert torch.allclose(on_features.jacobian(features.features[:3]), on_images.jacobian(x[:3]), rtol=0, atol=1e-12)
 
 
-def test_nothing_is_cached_without_a_prefix_or_a_size() -> None:
-    assert LinearizedNetwork(small_net(), linearize="all", prefix_cache_gb=1.0).prefix_cache is None
-    assert LinearizedNetwork(small_net(), linearize="layer2").prefix_cache is None
-    with pytest.raises(ValueError, match="prefix cache size"):
-        PrefixFeatureCache(0.0)
-
-
-def test_the_size_guard_stops_storing_with_a_warning(caplog) -> None:
-    m = LinearizedNetwork(small_net(), linearize="layer3", prefix_cache_gb=1e-6)  # ~1 KB
+def test_the_size_guard_keeps_nothing_and_says_so(caplog) -> None:
+    prefix = small_net().conv1
     x = torch.randn(8, 3, 16, 16, dtype=torch.float64)
-    reference = LinearizedNetwork(small_net(), linearize="layer3")
-    with caplog.at_level(logging.WARNING, logger="lqf_exp.prefix_cache"), torch.no_grad():
-        for _ in range(3):
-            out = m(x)
-    assert m.prefix_cache is not None and m.prefix_cache.full and not m.prefix_cache.features
-    assert "prefix feature cache full" in caplog.text and "prefix_cache_gb" in caplog.text
-    with torch.no_grad():
-        assert torch.equal(out, reference(x))
+    with caplog.at_level(logging.WARNING, logger="lqf_exp.prefix_cache"):
+        assert PrefixFeatures.compute(prefix, [(x, torch.zeros(8))], 8, 1e-6, "train") is None
+    assert "prefix_cache_gb" in caplog.text and "8 samples" in caplog.text
+    with pytest.raises(ValueError, match="prefix_cache_gb"):
+        PrefixFeatures.compute(prefix, [(x, torch.zeros(8))], 8, 0.0, "train")
+    with pytest.raises(ValueError, match="expected 9"):
+        PrefixFeatures.compute(prefix, [(x, torch.zeros(8))], 9, 1.0, "train")
 
 
-def test_distinct_images_get_distinct_keys_and_equal_images_equal_keys() -> None:
-    cache = PrefixFeatureCache(1.0)
-    x = torch.randn(6, 3, 8, 8)
-    x[3] = x[1]
-    keys = cache.keys(x)
-    assert keys[3] == keys[1] and len(set(keys)) == 5
-    nudged = x.clone()
-    nudged[0, 0, 0, 0] = torch.nextafter(nudged[0, 0, 0, 0], torch.tensor(1e9))  # one ulp of one pixel
-    assert cache.keys(nudged)[0] != keys[0]
+def test_batches_come_back_in_dataset_order() -> None:
+    stored = PrefixFeatures(torch.arange(10.0)[:, None], torch.arange(10))
+    assert [y.tolist() for _, y in stored.batches(4)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
+def test_a_run_on_prefix_features_equals_the_run_on_images(make_cfg, tmp_path: Path) -> None:
+    common = ["logger=none", "data.shots=3", "data.batch_size=16", "model.weights=null", "method.linearize=layer3",
+              "method.weight_decay=1e-2", "method.jacobian_cache_gb=null"]
+    cached = run(make_cfg([*common, "method.prefix_cache_gb=1.0"], tmp_path / "cached"))
+    plain = run(make_cfg([*common, "method.prefix_cache_gb=null"], tmp_path / "plain"))
+    assert cached["solver"]["epochs"] == plain["solver"]["epochs"]
+    assert cached["solver"]["objective"] == pytest.approx(plain["solver"]["objective"], rel=1e-5)
+    assert cached["metrics"]["test/acc"] == plain["metrics"]["test/acc"]

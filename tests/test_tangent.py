@@ -79,7 +79,7 @@ def test_fused_forward_and_gradient_match_autodiff(make, linearize: str, bn_affi
     target = torch.randn(3, fused.net.fc.out_features, dtype=torch.float64)
     outputs = []
     for m in (fused, autodiff):
-        primal, tangent = m.forward_with_primal(x)
+        primal, tangent = m(x, split=True)
         loss = ((primal + tangent - target) ** 2).sum()
         outputs.append((primal, tangent, torch.autograd.grad(loss, m.delta_list())))
     (p1, t1, g1), (p2, t2, g2) = outputs
@@ -107,7 +107,7 @@ def test_unfolded_weight_gradient_equals_the_convolution_backward(monkeypatch) -
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
 
     def gradients() -> list[Tensor]:
-        primal, tangent = fused.forward_with_primal(x)
+        primal, tangent = fused(x, split=True)
         return list(torch.autograd.grad(((primal + tangent) ** 2).sum(), fused.delta_list()))
 
     taken = []
@@ -167,16 +167,16 @@ def test_a_module_without_a_rule_on_the_tangent_is_refused() -> None:
 
 def test_auto_takes_forward_mode_ad_where_the_rules_do_not_reach(caplog) -> None:
     with_module = LinearizedNetwork(nn.Sequential(nn.Linear(3, 4), nn.GELU(), nn.Linear(4, 2)).double())
-    assert with_module._fused is None  # decided at construction: GELU has no rule
+    assert with_module.dual is None  # decided at construction: GELU has no rule
     reflect = nn.Sequential(nn.Conv2d(3, 2, 3, padding=1, padding_mode="reflect"), nn.Flatten(), nn.Linear(32, 2))
-    assert LinearizedNetwork(reflect.double())._fused is None  # a variant the conv rule refuses
-    assert LinearizedNetwork(tiny_cnn()).tangent == "auto" and LinearizedNetwork(tiny_cnn())._fused is not None
+    assert LinearizedNetwork(reflect.double()).dual is None  # a variant the conv rule refuses
+    assert LinearizedNetwork(tiny_cnn()).tangent == "auto" and LinearizedNetwork(tiny_cnn()).dual is not None
     functional = LinearizedNetwork(_FunctionalGelu().double(), tangent="auto")
     reference = LinearizedNetwork(copy.deepcopy(functional.net), tangent="autodiff")
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     with caplog.at_level("WARNING", logger="lqf_exp.linearize"):
         out = functional(x)  # the first-batch check finds the hidden non-linearity
-    assert functional._fused is None and "forward-mode AD from now on" in caplog.text
+    assert functional.dual is None and "forward-mode AD from now on" in caplog.text
     assert torch.equal(out, reference(x))
 
 

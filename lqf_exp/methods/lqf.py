@@ -33,6 +33,7 @@ from lqf_exp.methods.lqf_setup import (
     leave_one_out_refusal,
     parse_weight_decay,
 )
+from lqf_exp.prefix_cache import PrefixFeatures
 from lqf_exp.solvers import Evaluation, LQFObjective, SolveController, Solver, StoppingRule, WeightDecaySelection
 from lqf_exp.solvers.objective import unflatten
 
@@ -78,6 +79,7 @@ class LQF(ClassifierModule):
         tangent: str = "auto",
         prefix_cache_gb: float | None = None,
         jacobian_cache_gb: float | None = None,
+        compile: bool = False,
     ) -> None:
         check_head_init_kind(head_init)  # fail at construction, not after the data are loaded for the fit
         self.requested_weight_decay = parse_weight_decay(weight_decay, "method.weight_decay")
@@ -85,9 +87,16 @@ class LQF(ClassifierModule):
         self.head_init_l2 = parse_weight_decay(head_init_l2, "method.head_init_l2")
         self.head_init_batches = head_init_batches
         self.selection = weight_decay_selection or WeightDecaySelection()
-        linearized = LinearizedNetwork(net, linearize=linearize, bn_affine=bn_affine, tangent=tangent,
-                                       prefix_cache_gb=prefix_cache_gb)
+        linearized = LinearizedNetwork(net, linearize=linearize, bn_affine=bn_affine, tangent=tangent)
         super().__init__(linearized, loss_fn, num_classes, hparams)
+        if prefix_cache_gb is not None and not prefix_cache_gb > 0:
+            raise ValueError(f"invalid method.prefix_cache_gb={prefix_cache_gb!r}: expected a size > 0 in GB, or null "
+                             "to run the frozen prefix on every pass")
+        self.prefix_cache_gb = prefix_cache_gb
+        # the training and validation sets' prefix features, once computed (lqf_exp.prefix_cache)
+        self.prefix_features: dict[str, PrefixFeatures] = {}
+        self.compile = bool(compile)
+        self._solve_network: LinearizedNetwork | None = None
         self.automatic_optimization = False
         self.controller = SolveController(solver, stop)
         self.weight_decay: float | None = self.requested_weight_decay  # None until `auto` has chosen
@@ -147,8 +156,41 @@ class LQF(ClassifierModule):
     def _batches(self, dataset: Any) -> Any:
         return ((x.to(self.device), y.to(self.device)) for x, y in self.eval_loader(self._rank_share(dataset)))
 
+    @property
+    def solve_network(self) -> LinearizedNetwork:
+        """The network the solver's passes run through: on stored prefix features where there are some, compiled
+        with ``method.compile``."""
+        net = self._solve_network
+        if net is None:
+            net = self.linearized.on_prefix_features() if "train" in self.prefix_features else self.linearized
+            if self.compile:
+                with torch.no_grad():  # the first call checks the tangent path, eagerly (its check cannot compile)
+                    net(next(iter(self.train_batches()))[0])
+                net.compile(fullgraph=True)
+            self.__dict__["_solve_network"] = net  # not a submodule: its tensors are self.linearized's
+        return net
+
+    def _split_batches(self, split: str, dataset: Any) -> Any:
+        stored = self.prefix_features.get(split)
+        if stored is not None:
+            return stored.batches(self.trainer.datamodule.eval_batch_size)
+        return self._batches(dataset)
+
     def train_batches(self) -> Any:
-        return self._batches(self.train_data())
+        return self._split_batches("train", self.train_data())
+
+    def _store_prefix_features(self) -> None:
+        """The frozen prefix's output for every training and validation sample, once (``method.prefix_cache_gb``)."""
+        if self.prefix_cache_gb is None or not len(self.linearized.prefix) or self.prefix_features:
+            return
+        budget = self.prefix_cache_gb
+        for split, dataset in (("train", self.train_data()), ("val", self.trainer.datamodule.val_dataset)):
+            share = self._rank_share(dataset)
+            stored = PrefixFeatures.compute(self.linearized.prefix, self._batches(dataset), len(share), budget, split)
+            if stored is None:
+                return
+            self.prefix_features[split] = stored
+            budget -= stored.gigabytes
 
     def evaluate(self, gradient: bool) -> Evaluation:
         assert self.objective is not None
@@ -159,8 +201,9 @@ class LQF(ClassifierModule):
         """Mean loss of f_lin on the validation split (all ranks)."""
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         count = torch.zeros((), dtype=torch.float64, device=self.device)
-        for x, y in self._batches(self.trainer.datamodule.val_dataset):
-            total += self.loss_fn.per_sample(self.linearized(x), y).sum().double()
+        net = self.linearized.on_prefix_features() if "val" in self.prefix_features else self.linearized
+        for x, y in self._split_batches("val", self.trainer.datamodule.val_dataset):
+            total += self.loss_fn.per_sample(net(x), y).sum().double()
             count += len(y)
         reduce = self.trainer.strategy.reduce
         return float(reduce(total, reduce_op="sum")) / float(reduce(count, reduce_op="sum"))
@@ -210,7 +253,7 @@ class LQF(ClassifierModule):
             self.preconditioner.set_damping_offset(self.weight_decay)
 
     def _training_set(self) -> TrainingSet:
-        return TrainingSet(self.linearized, self.loss_fn, self.train_data(), self.train_batches, self.num_classes,
+        return TrainingSet(self.solve_network, self.loss_fn, self.train_data(), self.train_batches, self.num_classes,
                            self.trainer.world_size)
 
     def _apply_weight_decay_choice(self, choice: WeightDecayChoice) -> None:
@@ -224,6 +267,8 @@ class LQF(ClassifierModule):
 
     def on_fit_start(self) -> None:
         solved = self._pending is not None and self._pending["status"] != "running"
+        if not solved:
+            self._store_prefix_features()
         if self.jacobian_cache is None and not solved:
             self.jacobian_cache, self.cache_record = build_jacobian_cache(self._training_set(),
                                                                           self.jacobian_cache_gb, self.solver)
@@ -231,7 +276,7 @@ class LQF(ClassifierModule):
             self._apply_weight_decay_choice(choose_weight_decay(self._training_set(), self.selection,
                                                                 self.jacobian_cache, self.head_smoother))
         assert self.weight_decay is not None
-        self.objective = LQFObjective(self.linearized, self.loss_fn, self.weight_decay, self._reduce_sum)
+        self.objective = LQFObjective(self.solve_network, self.loss_fn, self.weight_decay, self._reduce_sum)
         self.objective.attach(self.preconditioner)
         if self.preconditioner is not None:
             self.preconditioner.set_damping_offset(self.weight_decay)
@@ -265,6 +310,17 @@ class LQF(ClassifierModule):
         if self._solved_without_passes():
             if batch_idx == 0:  # one (empty) solver step, so that Lightning counts the epoch and checkpoints it
                 self.optimizers().step()
+            return
+        stored = self.prefix_features.get("train")
+        if stored is not None:
+            # The pass runs on the stored prefix features (the objective's network takes them, not images), all of it
+            # at the epoch's first batch, in a permutation drawn per epoch; the image batches then pass untouched.
+            if batch_idx == 0:
+                seed = int(self.trainer.datamodule.shuffle_seed) + self.current_epoch
+                generator = torch.Generator().manual_seed(seed)
+                order = torch.randperm(len(stored), generator=generator).to(stored.labels.device)
+                for chunk in order.split(len(batch[1])):  # this rank's batch size
+                    self._solver_step(stored.features[chunk], stored.labels[chunk])
             return
         for images, labels in self._pass_batches(batch, batch_idx):
             self._solver_step(images, labels)

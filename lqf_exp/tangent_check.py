@@ -1,0 +1,74 @@
+"""The first-call check of a :class:`~lqf_exp.linearize.LinearizedNetwork`, on its first real batch.
+
+Two things cannot be read off the module tree and are checked numerically, once:
+
+- the split into a frozen prefix and the rest: ``net(x)`` must equal the rest (prefix children replaced by
+  identities) applied to the prefix's output, i.e. the prefix children run first, in registration order, as a chain;
+- the fused tangent: the dual modules see modules, not what a ``forward`` computes between them, so a non-linearity
+  called as a function (``F.gelu``) would give a wrong tangent. It is compared with forward-mode AD along a random
+  direction (δ is often zero).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+log = logging.getLogger("lqf_exp.linearize")
+
+__all__ = ["check_prefix_split", "fused_agrees_with_autodiff"]
+
+# (f(x; w0), J(x; w0)·v) for tangents v
+JVP = Callable[[Sequence[Tensor]], tuple[Tensor, Tensor]]
+
+# max |fused − autodiff| / max |autodiff| allowed, by output dtype
+_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
+
+
+def _relative_error(got: Tensor, want: Tensor) -> float:
+    return float((got - want).abs().max()) / (float(want.abs().max()) or 1.0)
+
+
+@torch.no_grad()
+def check_prefix_split(net: nn.Module, prefix: nn.Module, suffix: nn.Module, first_block: str, x: Tensor) -> None:
+    """Raise if ``suffix(prefix(x))`` is not ``net(x)``: the frozen children do not form a prefix."""
+    with torch.autocast(x.device.type, enabled=False):
+        want, got = net(x), suffix(prefix(x))
+    if got.shape != want.shape or _relative_error(got, want) > _TOLERANCE.get(want.dtype, 1e-4):
+        children = [n for n, _ in net.named_children()]
+        raise RuntimeError(
+            f"the frozen children before {first_block!r} (registration order {children}) do not form a prefix of the "
+            "network: some run after the first linearized child, or their outputs are not chained in that order, so "
+            "net(x) is not the linearized blocks applied to their output. Choose an earlier block or 'all'.")
+
+
+@torch.no_grad()
+def fused_agrees_with_autodiff(fused: JVP, autodiff: JVP, like: Sequence[Tensor], device: torch.device,
+                               strict: bool) -> bool:
+    """Whether the fused path's ``(f(x; w0), J·v)`` matches forward-mode AD along a random direction ``v`` (shaped
+    like ``like``), in the parameters' precision. ``strict``: raise instead of returning False."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    direction = [torch.randn(d.shape, generator=generator, device=d.device, dtype=d.dtype) * 1e-2 for d in like]
+    # The check is about the rules, not rounding: no autocast, and no TF32 (on by default for CUDA convolutions,
+    # whose ~1e-3 rounding would otherwise trip the float32 tolerance and switch tangent=auto off the fused path).
+    matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        with torch.autocast(device.type, enabled=False), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+            got, want = fused(direction), autodiff(direction)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
+    for what, a, b in zip(("f(x; w0)", "J(x; w0)·v"), got, want, strict=True):
+        error, tolerance = _relative_error(a, b), _TOLERANCE.get(b.dtype, 1e-4)
+        if not error <= tolerance:
+            message = (f"tangent='fused' gives {what} {error:.2e} (relative) away from forward-mode AD (tolerance "
+                       f"{tolerance:.0e}): the network computes something the fused rules do not see (e.g. a "
+                       "functional non-linearity inside a forward).")
+            if strict:
+                raise RuntimeError(message + " Use method.tangent=autodiff or auto.")
+            log.warning("%s tangent=auto: forward-mode AD from now on.", message)
+            return False
+    return True
