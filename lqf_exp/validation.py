@@ -86,6 +86,7 @@ RULES: tuple[Rule, ...] = (
     one_of("method.bn_affine", BN_AFFINE),
     one_of("method.tangent", TANGENT_PATHS),
     Rule("method.prefix_cache_gb", lambda v: v is None or (_is_number(v) and v > 0), "null or a number > 0 (GB)"),
+    Rule("method.compile", lambda v: isinstance(v, bool), "true or false"),
     Rule("method.jacobian_cache_gb", lambda v: v is None or (_is_number(v) and v > 0), "null or a number > 0 (GB)"),
     one_of("task.name", TASKS),
     Rule("task.steps", lambda v: v is None or (isinstance(v, int) and v >= 1), "an integer >= 1 (task=online)"),
