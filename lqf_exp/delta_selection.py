@@ -28,27 +28,49 @@ class DeltaSelection:
     prefix: tuple[str, ...]
 
 
+# Normalization layers whose affine parameters bn_affine=freeze keeps at w0.
+_NORMS = (_BatchNorm, nn.LayerNorm, nn.GroupNorm)
+# linearize=attention (TAFT): the Linear children of every module that names them in ``projection_names``
+ATTENTION = "attention"
+
+
+def _attention_projections(net: nn.Module) -> set[str]:
+    return {f"{name}.{child}" if name else child for name, module in net.named_modules()
+            for child in getattr(module, "projection_names", ())}
+
+
 def select_deltas(net: nn.Module, linearize: str, bn_affine: str, head_name: str) -> DeltaSelection:
-    """``linearize``: ``"all"``, ``"head"`` (the module ``head_name``), or a top-level child of ``net``: that child
-    and every later one. ``bn_affine``: ``freeze`` (BatchNorm γ/β stay at w0, so every δ belongs to a Conv2d/Linear
-    layer, the layers K-FAC preconditions) or ``linearize`` (γ/β get δs too). Raises ``ValueError`` naming the valid
-    choices."""
+    """Which parameters of ``net`` get a δ.
+
+    ``linearize``: ``"all"`` (every parameter); ``"head"`` (the module ``head_name``); ``"attention"`` (TAFT: the
+    projections that attention modules list in ``projection_names``, e.g. q, k, v and out of every ViT block; MLPs and
+    embeddings frozen); or the name of a module, top-level (``layer3``) or nested (``blocks.2``): that module and
+    every module after it in registration order (forward order in the ResNets and ViTs here). The top-level children
+    before the one that holds it form the frozen prefix. ``bn_affine``: ``freeze`` (the affine parameters of
+    BatchNorm, LayerNorm and GroupNorm stay at w0, so in a ResNet every δ belongs to a Conv2d/Linear layer, the layers
+    K-FAC preconditions) or ``linearize`` (they get δs too). Raises ``ValueError`` naming the valid choices.
+    """
     if bn_affine not in BN_AFFINE:
         raise ValueError(f"bn_affine must be one of {BN_AFFINE}, got {bn_affine!r}")
     children = [n for n, _ in net.named_children()]
-    start = head_name if linearize == "head" else linearize
-    if linearize == "all":
+    modules = dict(net.named_modules())
+    order = {name: index for index, name in enumerate(modules)}
+    frozen = {n for n, m in modules.items() if isinstance(m, _NORMS)} if bn_affine == "freeze" else set()
+    owners = {name: name.rpartition(".")[0] for name, _ in net.named_parameters()}
+    if linearize in ("all", ATTENTION):
         blocks = children
-    elif start in children:
-        blocks = children[children.index(start):]
+        chosen = _attention_projections(net) if linearize == ATTENTION else set(modules)
+        if linearize == ATTENTION and not chosen:
+            raise ValueError("linearize='attention' needs attention modules that list their projections in "
+                             "`projection_names` (lqf_exp.models.vit); this network has none")
+        names = tuple(n for n, owner in owners.items() if owner in chosen and owner not in frozen)
     else:
-        raise ValueError(f"Unknown linearize={linearize!r}; valid: 'all', 'head', or a top-level child of the "
-                         f"network: {children}")
-    if linearize == "head" and not isinstance(getattr(net, head_name, None), nn.Module):
-        raise ValueError(f"linearize='head' needs a head module net.{head_name}")
-    frozen_bn = {n for n, m in net.named_modules() if isinstance(m, _BatchNorm)} if bn_affine == "freeze" else set()
-    names = tuple(name for name, _ in net.named_parameters()
-                  if name.split(".")[0] in blocks and name.rpartition(".")[0] not in frozen_bn)
+        start = head_name if linearize == "head" else linearize
+        if start not in modules or start == "":
+            raise ValueError(f"Unknown linearize={linearize!r}; valid: 'all', 'head', '{ATTENTION}', or the name of "
+                             f"a module, top-level ({children}) or nested (e.g. {children[-1]!r}.0)")
+        blocks = children[children.index(start.split(".")[0]):]
+        names = tuple(n for n, owner in owners.items() if order[owner] >= order[start] and owner not in frozen)
     if not names:
         raise ValueError(f"linearize={linearize!r} selects no parameter to train")
     _check_head(net, names, head_name)
