@@ -10,47 +10,7 @@ from torch import Tensor, nn
 from lqf_exp.delta_selection import select_deltas
 from lqf_exp.linearize import LinearizedNetwork
 
-
-class ToyAttention(nn.Module):
-    projection_names = ("q", "k", "v", "out")
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.q, self.k, self.v, self.out = (nn.Linear(dim, dim) for _ in range(4))
-
-    def forward(self, x: Tensor) -> Tensor:
-        weights = torch.softmax(self.q(x) @ self.k(x).transpose(1, 2) / x.shape[-1] ** 0.5, dim=-1)
-        return self.out(weights @ self.v(x))
-
-
-class ToyBlock(nn.Module):
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.norm1, self.attention = nn.LayerNorm(dim), ToyAttention(dim)
-        self.norm2, self.mlp = nn.LayerNorm(dim), nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(),
-                                                                  nn.Linear(2 * dim, dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attention(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
-
-
-class ToyTransformer(nn.Module):
-    """Tokens in, classes out: embedding, a class token and position embedding held by the root, blocks, head."""
-
-    def __init__(self, dim: int = 8, tokens: int = 5, classes: int = 3) -> None:
-        super().__init__()
-        self.embed = nn.Linear(4, dim)
-        self.class_token = nn.Parameter(torch.randn(1, 1, dim))
-        self.position = nn.Parameter(torch.randn(1, tokens + 1, dim) * 0.1)
-        self.blocks = nn.Sequential(ToyBlock(dim), ToyBlock(dim))
-        self.norm = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        tokens = self.embed(x)
-        tokens = torch.cat([self.class_token.expand(len(x), -1, -1), tokens], dim=1) + self.position
-        return self.head(self.norm(self.blocks(tokens))[:, 0])
+from .helpers.transformer import ToyTransformer
 
 
 def toy() -> ToyTransformer:
@@ -112,6 +72,8 @@ def test_the_tangent_is_exact_against_finite_differences(linearize: str) -> None
 
     finite = (shifted(1.0) - shifted(-1.0)) / (2 * step)
     assert float((tangent - finite).abs().max()) <= 1e-8 * float(finite.abs().max())
-    reference = torch.func.jvp(lambda *p: torch.func.functional_call(net, dict(zip(m.linearized_names, p)), (x,)),
-                               tuple(params[n].detach() for n in m.linearized_names), tuple(v))[1]
+    def network(*point: Tensor) -> Tensor:
+        return torch.func.functional_call(net, dict(zip(m.linearized_names, point, strict=True)), (x,))
+
+    reference = torch.func.jvp(network, tuple(params[n].detach() for n in m.linearized_names), tuple(v))[1]
     assert float((tangent - reference).abs().max()) <= 1e-10 * float(reference.abs().max())
