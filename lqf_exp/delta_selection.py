@@ -78,7 +78,7 @@ def select_deltas(net: nn.Module, linearize: str, bn_affine: str, head_name: str
 
 
 def _check_head(net: nn.Module, names: tuple[str, ...], head_name: str) -> None:
-    weight = getattr(getattr(net, head_name, None), "weight", None)
+    weight = getattr(dict(net.named_modules()).get(head_name), "weight", None)
     backbone = any(not n.startswith(head_name + ".") for n in names)
     if backbone and isinstance(weight, Tensor) and not bool(weight.detach().any()):
         raise ValueError(
