@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from lqf_exp.head_fit import PROBE_L2_GRID, HeadFit, ValidatedHeadFit, fit_head_on_validation
 from lqf_exp.losses import ClassificationLoss
+from lqf_exp.models.heads import head_name as network_head_name
 from lqf_exp.options import HEAD_INITS
 
 __all__ = ["HEAD_INIT_KINDS", "check_head_init_kind", "extract_features", "fit_validated_head", "init_head"]
@@ -33,6 +34,11 @@ def check_head_init_kind(kind: str) -> None:
         raise ValueError(f"Unknown head init kind {kind!r}; valid: 'probe', 'random'. {_ZERO_HEAD_MSG}")
 
 
+def _resolve(net: nn.Module, head_name: str | None) -> str:
+    """``head_name``, or, when None, the head the network declares (``fc`` for ResNets, ``head`` for the ViT)."""
+    return network_head_name(net) if head_name is None else head_name
+
+
 def _head(net: nn.Module, head_name: str) -> nn.Linear:
     head = getattr(net, head_name, None)
     if not isinstance(head, nn.Linear):
@@ -42,13 +48,15 @@ def _head(net: nn.Module, head_name: str) -> nn.Linear:
 
 @torch.no_grad()
 def extract_features(
-    net: nn.Module, loader: Iterable, device: torch.device | str | None = None, head_name: str = "fc"
+    net: nn.Module, loader: Iterable, device: torch.device | str | None = None, head_name: str | None = None
 ) -> tuple[Tensor, Tensor]:
-    """Penultimate features (the input of ``net.<head_name>``) at the current weights, eval mode, no grad.
+    """Penultimate features (the input of ``net.<head_name>``; by default the network's own head) at the current
+    weights, eval mode, no grad.
 
     ``loader`` yields ``(x, y)`` batches. Runs on ``device`` (default: the device of ``net``); returns CPU
     tensors ``features [N, D]`` and ``labels [N]``. The training mode of ``net`` is restored afterwards.
     """
+    head_name = _resolve(net, head_name)
     head = _head(net, head_name)
     device = torch.device(device) if device is not None else next(net.parameters()).device
     feats: list[Tensor] = []
@@ -74,7 +82,7 @@ def init_head(
     loss: ClassificationLoss | None = None,
     l2: float | None = None,
     device: torch.device | str | None = None,
-    head_name: str = "fc",
+    head_name: str | None = None,
 ) -> HeadFit | None:
     """Write the head ``net.<head_name>`` in place; return the fit (``None`` for a random head).
 
@@ -84,6 +92,7 @@ def init_head(
     ``"zero"`` or anything else raises ``ValueError``.
     """
     check_head_init_kind(kind)
+    head_name = _resolve(net, head_name)
     head = _head(net, head_name)
     if kind == "random":
         head.reset_parameters()
@@ -107,11 +116,12 @@ def fit_validated_head(
     loss: ClassificationLoss,
     grid: tuple[float, ...] = PROBE_L2_GRID,
     device: torch.device | str | None = None,
-    head_name: str = "fc",
+    head_name: str | None = None,
 ) -> ValidatedHeadFit:
     """Write into ``net.<head_name>`` the head that ``loss.fit_head`` gives on the frozen features of
     ``train_loader`` with the ``l2`` of ``grid`` whose head has the lowest mean ``loss`` on ``val_loader``: the
     linear probe solved to its optimum, its one hyper-parameter chosen on validation."""
+    head_name = _resolve(net, head_name)
     head = _head(net, head_name)
     if head.bias is None:
         raise ValueError(f"net.{head_name} has no bias; the probe head fits one (unpenalized)")

@@ -20,7 +20,7 @@ __all__ = [
 ]
 
 # activation.name (lqf_exp.models.activations)
-ACTIVATIONS: tuple[str, ...] = ("relu", "leaky_relu")
+ACTIVATIONS: tuple[str, ...] = ("relu", "leaky_relu", "gelu")
 # model.pooling (lqf_exp.models.pooling)
 POOLINGS: tuple[str, ...] = ("avg", "sqrt_cov")
 # method.bn_affine (lqf_exp.linearize.LinearizedNetwork): BatchNorm γ/β frozen at w0, or given a δ

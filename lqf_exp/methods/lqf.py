@@ -33,6 +33,7 @@ from lqf_exp.methods.lqf_setup import (
     leave_one_out_refusal,
     parse_weight_decay,
 )
+from lqf_exp.models.heads import head_name
 from lqf_exp.prefix_cache import PrefixFeatures
 from lqf_exp.solvers import Evaluation, LQFObjective, SolveController, Solver, StoppingRule, WeightDecaySelection
 from lqf_exp.solvers.objective import unflatten
@@ -87,7 +88,8 @@ class LQF(ClassifierModule):
         self.head_init_l2 = parse_weight_decay(head_init_l2, "method.head_init_l2")
         self.head_init_batches = head_init_batches
         self.selection = weight_decay_selection or WeightDecaySelection()
-        linearized = LinearizedNetwork(net, linearize=linearize, bn_affine=bn_affine, tangent=tangent)
+        linearized = LinearizedNetwork(net, linearize=linearize, bn_affine=bn_affine, tangent=tangent,
+                                       head_name=head_name(net))
         super().__init__(linearized, loss_fn, num_classes, hparams)
         if prefix_cache_gb is not None and not prefix_cache_gb > 0:
             raise ValueError(f"invalid method.prefix_cache_gb={prefix_cache_gb!r}: expected a size > 0 in GB, or null "
@@ -229,9 +231,11 @@ class LQF(ClassifierModule):
         if refusal is not None:  # the head's l2 on the validation loss instead, as method=probe chooses it
             log.info("head_init_l2=auto: validation loss instead of leave-one-out (%s)", refusal)
             val = self.eval_loader(self.trainer.datamodule.val_dataset)
-            fit = fit_validated_head(base, loader, val, self.loss_fn, device=device).fit
+            fit = fit_validated_head(base, loader, val, self.loss_fn, device=device,
+                                     head_name=self.linearized.head_name).fit
         else:
-            fit = init_head(base, loader, kind=self.head_init, loss=self.loss_fn, l2=self.head_init_l2)
+            fit = init_head(base, loader, kind=self.head_init, loss=self.loss_fn, l2=self.head_init_l2,
+                            head_name=self.linearized.head_name)
         base.to(original_device)
         # The head's smoother joins the leave-one-out of λ only if it saw exactly the training set.
         self.head_smoother = fit.smoother if fit is not None and self.head_init_batches is None else None

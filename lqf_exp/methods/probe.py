@@ -17,14 +17,12 @@ from lqf_exp.head_fit import PROBE_L2_GRID
 from lqf_exp.head_init import fit_validated_head, init_head
 from lqf_exp.losses import ClassificationLoss
 from lqf_exp.methods.base import ClassifierModule
+from lqf_exp.models.heads import get_head
 
 
 def head_of(net: nn.Module) -> nn.Linear:
-    """The classification head; every network lqf_exp builds names it ``fc``."""
-    head = getattr(net, "fc", None)
-    if not isinstance(head, nn.Linear):
-        raise ValueError(f"{type(net).__name__} has no nn.Linear head named 'fc'; probe and LQF need one")
-    return head
+    """The classification head (``fc`` on ResNets, ``head`` on the ViT: :func:`lqf_exp.models.heads.head_name`)."""
+    return get_head(net)
 
 
 def parse_head_l2(value: float | str, key: str) -> float | None:

@@ -1,4 +1,4 @@
-"""Activation factories and the ReLU -> (Leaky-)ReLU swap used by every network we build."""
+"""Activation factories and the activation swap (ReLU / Leaky-ReLU / GELU) used by every network we build."""
 
 from __future__ import annotations
 
@@ -13,13 +13,16 @@ from lqf_exp.options import ACTIVATIONS
 DEFAULT_NEGATIVE_SLOPE = 0.01
 
 ActivationFactory = Callable[[], nn.Module]
+# The module types swap_activations replaces: every activation make_activation can build, so a swap is total.
+_SWAPPABLE = (nn.ReLU, nn.LeakyReLU, nn.GELU)
 
 
 def make_activation(name: str, negative_slope: float = DEFAULT_NEGATIVE_SLOPE) -> ActivationFactory:
     """Return a zero-argument factory that builds a fresh, non-in-place activation module.
 
     In-place activations break full backward hooks and (with slope <= 0) autograd of ``leaky_relu_``,
-    and they make the jvp of the linearized model fragile, so ``inplace`` is always False.
+    and they make the jvp of the linearized model fragile, so ``inplace`` is always False. ``gelu`` (exact, not the
+    tanh approximation) is smooth and ignores ``negative_slope``, which is still range-checked.
     """
     if not isinstance(name, str) or name not in ACTIVATIONS:
         raise ValueError(f"Unknown activation {name!r}; valid names are: {', '.join(ACTIVATIONS)}")
@@ -29,6 +32,8 @@ def make_activation(name: str, negative_slope: float = DEFAULT_NEGATIVE_SLOPE) -
         raise ValueError(f"activation.negative_slope must be in [0, 1), got {negative_slope!r}")
     if name == "relu":
         return partial(nn.ReLU, inplace=False)
+    if name == "gelu":
+        return nn.GELU
     return partial(nn.LeakyReLU, negative_slope=slope, inplace=False)
 
 
@@ -51,19 +56,19 @@ def parse_activation(activation: Mapping[str, Any] | str) -> tuple[str, float]:
 
 
 def swap_activations(net: nn.Module, factory: ActivationFactory) -> int:
-    """Replace every ``nn.ReLU``/``nn.LeakyReLU`` attribute of ``net`` by ``factory()``, in place.
+    """Replace every ``nn.ReLU``/``nn.LeakyReLU``/``nn.GELU`` attribute of ``net`` by ``factory()``, in place.
 
     Works per attribute, not per module object: torchvision blocks register one ``relu`` and call it
     several times, and a module object registered under two names gets two fresh replacements, so no
     instance ends up shared. Returns the number of attributes replaced.
     """
-    if isinstance(net, (nn.ReLU, nn.LeakyReLU)):
+    if isinstance(net, _SWAPPABLE):
         raise ValueError("swap_activations needs a container module, not a bare activation")
     targets: list[tuple[nn.Module, str]] = []
     for parent in net.modules():
         # _modules keeps duplicate registrations that named_modules() would de-duplicate.
         for child_name, child in parent._modules.items():
-            if isinstance(child, (nn.ReLU, nn.LeakyReLU)):
+            if isinstance(child, _SWAPPABLE):
                 targets.append((parent, child_name))
     for parent, child_name in targets:
         setattr(parent, child_name, factory())
@@ -73,7 +78,7 @@ def swap_activations(net: nn.Module, factory: ActivationFactory) -> int:
 def count_activations(net: nn.Module) -> int:
     """Number of activation attributes (the count ``swap_activations`` would replace)."""
     return sum(
-        isinstance(child, (nn.ReLU, nn.LeakyReLU))
+        isinstance(child, _SWAPPABLE)
         for parent in net.modules()
         for child in parent._modules.values()
     )

@@ -11,9 +11,11 @@ from torch import nn
 from torchvision import models as tvm
 
 from . import weights as W
-from .activations import make_activation, parse_activation, swap_activations
+from .activations import ActivationFactory, make_activation, parse_activation, swap_activations
+from .heads import get_head, head_name, replace_head
 from .pooling import POOLINGS, SqrtCovPooling
 from .small_resnet import SmallResNet
+from .vit import vit_tiny
 
 log = logging.getLogger(__name__)
 
@@ -21,12 +23,22 @@ _TORCHVISION: dict[str, tuple[Callable[..., nn.Module], Any]] = {
     "resnet18": (tvm.resnet18, tvm.ResNet18_Weights.IMAGENET1K_V1),
     "resnet50": (tvm.resnet50, tvm.ResNet50_Weights.IMAGENET1K_V2),
 }
-ARCHS: tuple[str, ...] = ("small_resnet", *_TORCHVISION)
+_VITS: dict[str, Callable[..., nn.Module]] = {"vit_tiny": vit_tiny}
+ARCHS: tuple[str, ...] = ("small_resnet", *_TORCHVISION, *_VITS)
+# Built with their activation (GELU) and pretrained with it: swapping it for another is not the small post-hoc change
+# ReLU -> Leaky-ReLU is for a ResNet, so a checkpoint's activation must match the requested one.
+_NATIVE_ACTIVATION = {"vit_tiny": "gelu"}
 _NO_WEIGHTS = (None, "", "null", "none", "None")
 
 
-def _backbone(arch: str, num_classes: int, imagenet: bool, kw: dict[str, Any]) -> nn.Module:
-    """Random-init (or ImageNet) network whose ``fc`` is a fresh ``nn.Linear`` for ``num_classes``."""
+def _backbone(
+    arch: str, num_classes: int, imagenet: bool, kw: dict[str, Any], act: ActivationFactory
+) -> nn.Module:
+    """Random-init (or ImageNet) network whose head is a fresh ``nn.Linear`` for ``num_classes``."""
+    if arch in _VITS:
+        if imagenet:
+            raise ValueError(f"{arch} has no ImageNet weights; use model.weights=null or a checkpoint path")
+        return _VITS[arch](num_classes=num_classes, activation=act, **kw)
     if arch == "small_resnet":
         if imagenet:
             raise ValueError(
@@ -38,13 +50,18 @@ def _backbone(arch: str, num_classes: int, imagenet: bool, kw: dict[str, Any]) -
     net = builder(weights=None, **kw)  # 1000-class head, so an ImageNet state dict loads strictly
     if imagenet:
         net.load_state_dict(W.download_imagenet_state_dict(enum))
-    net.fc = nn.Linear(net.fc.in_features, num_classes)
+    replace_head(net, num_classes)
     return net
 
 
-def _check_pooling(pooling: str, reduce_dim: int | None, iterations: int) -> None:
+def _check_pooling(arch: str, pooling: str, reduce_dim: int | None, iterations: int) -> None:
     if pooling not in POOLINGS:
         raise ValueError(f"Unknown pooling {pooling!r}; valid options are: {', '.join(POOLINGS)}")
+    if pooling != "avg" and arch in _VITS:
+        raise ValueError(
+            f"model.pooling={pooling} is not available for {arch}: a ViT classifies from its class token and has "
+            "no global pooling layer to replace (sqrt_cov pooling replaces a ResNet's avgpool); use model.pooling=avg"
+        )
     if reduce_dim is not None and (isinstance(reduce_dim, bool) or not isinstance(reduce_dim, int) or reduce_dim < 1):
         raise ValueError(f"pooling_reduce_dim must be null or an integer >= 1, got {reduce_dim!r}")
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
@@ -57,9 +74,27 @@ def _use_sqrt_cov(net: nn.Module, num_classes: int, reduce_dim: int | None, iter
     Same attribute name, same place in ``named_children()``: ``LinearizedNetwork``'s block order and
     ``linearize=<block>`` see the pooling where the average pooling was.
     """
-    pool = SqrtCovPooling(net.fc.in_features, reduce_dim=reduce_dim, iterations=iterations)
+    pool = SqrtCovPooling(get_head(net).in_features, reduce_dim=reduce_dim, iterations=iterations)
     net.avgpool = pool
-    net.fc = nn.Linear(pool.out_features, num_classes)
+    replace_head(net, num_classes, in_features=pool.out_features)
+
+
+def _check_native_activation(arch: str, act_name: str, source: str, info: Mapping[str, Any]) -> None:
+    """Refuse loading a ViT checkpoint pretrained with one activation into a network with another.
+
+    Random init (``model.weights=null``) with relu/leaky_relu stays allowed: that is an ablation of the architecture,
+    not a swap of trained weights. A plain state dict records no activation and is taken to have the native one.
+    """
+    native = _NATIVE_ACTIVATION.get(arch)
+    if native is None:
+        return
+    recorded = W.recorded_activation(info.get("activation")) or native
+    if recorded != act_name:
+        raise ValueError(
+            f"Checkpoint {source} of {arch} was pretrained with activation {recorded!r}, but activation={act_name} "
+            f"was requested: {arch}'s weights are not reused across activations. Use activation={recorded}, or "
+            f"model.weights=null to train {arch} with {act_name} from random init"
+        )
 
 
 def build_network(
@@ -72,7 +107,7 @@ def build_network(
     pooling_iterations: int = 5,
     **kw: Any,
 ) -> nn.Module:
-    """Build ``arch`` with a new ``fc`` head for ``num_classes``, load ``weights``, swap activations.
+    """Build ``arch`` with a new head for ``num_classes``, load ``weights``, swap activations.
 
     ``weights``: ``None``/``"null"`` (random), ``"imagenet"`` (torchvision download, torchvision archs
     only), ``"packaged"`` (the shipped FMNIST source checkpoint for this arch and activation), or a
@@ -83,25 +118,32 @@ def build_network(
     which ``"avg"`` ignores). Loading an average-pooled checkpoint (packaged, ImageNet) keeps the backbone
     and leaves the new parts at their init: the head (another size) and any reduction layer, drawn from the
     global RNG (the pipeline seeds it before building, so w0 stays a function of the config and the seed).
+    ``vit_tiny`` (:mod:`lqf_exp.models.vit`): built with the requested activation (GELU by its config), no ImageNet
+    or packaged weights, ``pooling="avg"`` only, and a checkpoint must have been trained with the same activation.
     Extra ``kw`` go to the architecture constructor (e.g. ``widths`` for ``small_resnet``).
     """
     if arch not in ARCHS:
         raise ValueError(f"Unknown arch {arch!r}; valid options are: {', '.join(ARCHS)}")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-    _check_pooling(pooling, pooling_reduce_dim, pooling_iterations)
+    _check_pooling(arch, pooling, pooling_reduce_dim, pooling_iterations)
     act_name, slope = parse_activation(activation)
     factory = make_activation(act_name, slope)  # validate before any (slow) building or downloading
     source = None if weights in _NO_WEIGHTS else os.fspath(weights)
     if source == "packaged":
+        if arch in _VITS:  # say so instead of naming a file that was never made
+            raise ValueError(f"There is no packaged source checkpoint for {arch} yet; use model.weights=null "
+                             "or model.weights=/path/to/checkpoint.pt")
         source = os.fspath(W.packaged_checkpoint_path(arch, act_name))
-    net = _backbone(arch, num_classes, imagenet=source == "imagenet", kw=dict(kw))
+    net = _backbone(arch, num_classes, imagenet=source == "imagenet", kw=dict(kw), act=factory)
     if pooling == "sqrt_cov":
         _use_sqrt_cov(net, num_classes, pooling_reduce_dim, pooling_iterations)
     if source not in (None, "imagenet"):
         # A checkpoint saved with sqrt_cov pooling restores the reduction; any other leaves it at its init.
         fresh = ("avgpool.",) if pooling == "sqrt_cov" else ()
-        info = W.load_network_weights(net, source, activation_name=act_name, fresh_prefixes=fresh)
+        info = W.load_network_weights(net, source, activation_name=act_name, fresh_prefixes=fresh,
+                                      head_prefix=f"{head_name(net)}.")
+        _check_native_activation(arch, act_name, source, info)
         log.info("Loaded %s weights from %s (meta: %s)", arch, source, info.get("meta"))
     n = swap_activations(net, factory)
     log.debug("Swapped %d activation modules of %s to %s", n, arch, act_name)

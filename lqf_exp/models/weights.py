@@ -90,7 +90,8 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], di
     return state, info
 
 
-def _activation_name(recorded: Any) -> str | None:
+def recorded_activation(recorded: Any) -> str | None:
+    """The activation name a checkpoint records (a name, or an ``{name, ...}`` mapping); ``None`` if it has none."""
     if isinstance(recorded, Mapping):
         recorded = recorded.get("name")
     return None if recorded is None else str(recorded)
@@ -101,6 +102,7 @@ def load_network_weights(
     path: str | os.PathLike[str],
     activation_name: str | None = None,
     fresh_prefixes: Sequence[str] = (),
+    head_prefix: str = HEAD_PREFIX,
 ) -> dict[str, Any]:
     """Load the checkpoint at ``path`` into ``net`` strictly, except for a head of another size.
 
@@ -109,11 +111,12 @@ def load_network_weights(
     bias next to a new weight would be neither. Keys of ``net`` under ``fresh_prefixes`` (layers the
     checkpoint may predate, e.g. ``avgpool.`` of a sqrt_cov pooling) may be missing and then keep their
     init; present, they must match. Any other missing, unexpected or mis-shaped key raises ``ValueError``.
+    ``head_prefix``: the head's keys (``"fc."``; ``"head."`` for the ViT, see :mod:`lqf_exp.models.heads`).
     Returns the checkpoint's ``arch``/``activation``/``meta`` info (empty for a plain state dict).
     """
     state, info = read_checkpoint(path)
     target = net.state_dict()
-    head = [k for k in state if k.startswith(HEAD_PREFIX) and k in target]
+    head = [k for k in state if k.startswith(head_prefix) and k in target]
     dropped = head if any(state[k].shape != target[k].shape for k in head) else []
     for k in dropped:
         del state[k]
@@ -142,7 +145,7 @@ def load_network_weights(
         log.info("Checkpoint %s: head %s dropped (its size differs), new head kept", path, dropped)
     if kept_fresh:
         log.info("Checkpoint %s has no %s; they keep their (seeded) init", path, _shown(kept_fresh))
-    recorded = _activation_name(info.get("activation"))
+    recorded = recorded_activation(info.get("activation"))
     if activation_name is not None and recorded is not None and recorded != activation_name:
         log.warning(
             "Checkpoint %s was trained with activation %r but %r was requested; the activations are "
