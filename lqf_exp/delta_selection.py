@@ -70,6 +70,10 @@ def select_deltas(net: nn.Module, linearize: str, bn_affine: str, head_name: str
             raise ValueError(f"Unknown linearize={linearize!r}; valid: 'all', 'head', '{ATTENTION}', or the name of "
                              f"a module, top-level ({children}) or nested (e.g. {children[-1]!r}.0)")
         blocks = children[children.index(start.split(".")[0]):]
+        if any(True for _ in net.parameters(recurse=False)):
+            # The root's forward does work of its own between its children (torchvision's ViT: the class token after
+            # conv_proj), so the children before the block are no prefix that could run apart: none is split off.
+            blocks = children
         names = tuple(n for n, owner in owners.items() if order[owner] >= order[start] and owner not in frozen)
     if not names:
         raise ValueError(f"linearize={linearize!r} selects no parameter to train")

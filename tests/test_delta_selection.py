@@ -26,7 +26,8 @@ def toy() -> ToyTransformer:
 
 def test_a_nested_block_and_every_later_module() -> None:
     selection = select_deltas(toy(), "blocks.1", "freeze", "head")
-    assert selection.prefix == ("embed",) and selection.blocks == ("blocks", "norm", "head")
+    # the root holds the class token and position embedding: its children are no chain, so no prefix is split off
+    assert selection.prefix == () and selection.blocks == ("embed", "blocks", "norm", "head")
     assert all(n.startswith(("blocks.1.", "head.")) for n in selection.names)
     assert "blocks.1.attention.q.weight" in selection.names and "blocks.1.mlp.0.weight" in selection.names
     assert not any("norm" in n for n in selection.names)  # LayerNorm affines frozen

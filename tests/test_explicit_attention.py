@@ -61,3 +61,32 @@ def test_forward_mode_ad_and_the_attention_only_selection() -> None:
                 params[name].sub_(sign * step * direction)
     finite = (outputs[0] - outputs[1]) / (2 * step)
     assert float((tangent - finite).abs().max()) <= 1e-8 * float(finite.abs().max())
+
+
+def test_vit_b_16_is_built_with_explicit_attention_and_its_nested_head() -> None:
+    from lqf_exp.models import build_network
+    from lqf_exp.models.heads import get_head, head_name
+
+    torch.manual_seed(0)
+    net = build_network("vit_b_16", num_classes=5, activation="gelu", weights=None)
+    assert not any(isinstance(m, nn.MultiheadAttention) for m in net.modules())
+    assert head_name(net) == "heads.head" and get_head(net).out_features == 5
+    assert len(select_deltas(net, "attention", "freeze", head_name(net)).names) == 12 * 4 * 2
+    names = select_deltas(net, "encoder.layers.encoder_layer_11", "freeze", head_name(net)).names
+    assert names[0].startswith("encoder.layers.encoder_layer_11.") and names[-1] == "heads.head.bias"
+
+
+def test_a_nested_block_of_torchvision_vit_linearizes_without_a_prefix() -> None:
+    net = small_vit()
+    use_explicit_attention(net)
+    with torch.no_grad():
+        net.heads.head.weight.normal_(0, 0.5)
+    m = LinearizedNetwork(net, linearize="encoder.layers.encoder_layer_1", head_name="heads.head")
+    assert len(m.prefix) == 0  # the root holds the class token: its children are not a chain
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    v = [torch.randn_like(d) for d in m.delta_list()]
+    reference = torch.func.jvp(
+        lambda *p: torch.func.functional_call(net, dict(zip(m.linearized_names, p, strict=True)), (x,)),
+        tuple(d.detach() + dict(net.named_parameters())[n] for n, d in zip(m.linearized_names, m.delta_list(),
+                                                                         strict=True)), tuple(v))[1]
+    torch.testing.assert_close(m.jvp(x, v)[1], reference, rtol=1e-10, atol=1e-12)

@@ -12,6 +12,7 @@ from torchvision import models as tvm
 
 from . import weights as W
 from .activations import ActivationFactory, make_activation, parse_activation, swap_activations
+from .explicit_attention import use_explicit_attention
 from .heads import get_head, head_name, replace_head
 from .pooling import POOLINGS, SqrtCovPooling
 from .small_resnet import SmallResNet
@@ -22,12 +23,14 @@ log = logging.getLogger(__name__)
 _TORCHVISION: dict[str, tuple[Callable[..., nn.Module], Any]] = {
     "resnet18": (tvm.resnet18, tvm.ResNet18_Weights.IMAGENET1K_V1),
     "resnet50": (tvm.resnet50, tvm.ResNet50_Weights.IMAGENET1K_V2),
+    "vit_b_16": (tvm.vit_b_16, tvm.ViT_B_16_Weights.IMAGENET1K_V1),
 }
 _VITS: dict[str, Callable[..., nn.Module]] = {"vit_tiny": vit_tiny}
 ARCHS: tuple[str, ...] = ("small_resnet", *_TORCHVISION, *_VITS)
 # Built with their activation (GELU) and pretrained with it: swapping it for another is not the small post-hoc change
 # ReLU -> Leaky-ReLU is for a ResNet, so a checkpoint's activation must match the requested one.
-_NATIVE_ACTIVATION = {"vit_tiny": "gelu"}
+_NATIVE_ACTIVATION = {"vit_tiny": "gelu", "vit_b_16": "gelu"}
+TRANSFORMERS = ("vit_tiny", "vit_b_16")
 _NO_WEIGHTS = (None, "", "null", "none", "None")
 
 
@@ -50,6 +53,8 @@ def _backbone(
     net = builder(weights=None, **kw)  # 1000-class head, so an ImageNet state dict loads strictly
     if imagenet:
         net.load_state_dict(W.download_imagenet_state_dict(enum))
+    # after loading: the ImageNet state dict holds nn.MultiheadAttention's packed projections
+    use_explicit_attention(net)
     replace_head(net, num_classes)
     return net
 
@@ -57,7 +62,7 @@ def _backbone(
 def _check_pooling(arch: str, pooling: str, reduce_dim: int | None, iterations: int) -> None:
     if pooling not in POOLINGS:
         raise ValueError(f"Unknown pooling {pooling!r}; valid options are: {', '.join(POOLINGS)}")
-    if pooling != "avg" and arch in _VITS:
+    if pooling != "avg" and arch in TRANSFORMERS:
         raise ValueError(
             f"model.pooling={pooling} is not available for {arch}: a ViT classifies from its class token and has "
             "no global pooling layer to replace (sqrt_cov pooling replaces a ResNet's avgpool); use model.pooling=avg"
@@ -131,7 +136,7 @@ def build_network(
     factory = make_activation(act_name, slope)  # validate before any (slow) building or downloading
     source = None if weights in _NO_WEIGHTS else os.fspath(weights)
     if source == "packaged":
-        if arch in _VITS:  # say so instead of naming a file that was never made
+        if arch in TRANSFORMERS:  # say so instead of naming a file that was never made
             raise ValueError(f"There is no packaged source checkpoint for {arch} yet; use model.weights=null "
                              "or model.weights=/path/to/checkpoint.pt")
         source = os.fspath(W.packaged_checkpoint_path(arch, act_name))

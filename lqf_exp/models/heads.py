@@ -8,15 +8,19 @@ its ``fc``.
 from __future__ import annotations
 
 from torch import nn
+from torchvision.models.vision_transformer import VisionTransformer
 
 __all__ = ["DEFAULT_HEAD_NAME", "get_head", "head_name", "replace_head"]
 
 DEFAULT_HEAD_NAME = "fc"
+# Classes from other libraries that do not declare ``head_name``: where their head is (a dotted path).
+_KNOWN_HEADS: dict[type, str] = {VisionTransformer: "heads.head"}
 
 
 def head_name(net: nn.Module) -> str:
-    """Attribute name of ``net``'s head: ``net.head_name`` if the class declares one, else ``"fc"``."""
-    name = getattr(type(net), "head_name", DEFAULT_HEAD_NAME)
+    """Name of ``net``'s head module, dotted where nested (``heads.head`` in torchvision's ViT): ``net.head_name`` if
+    the class declares one, else the known place for a library class, else ``"fc"``."""
+    name = getattr(type(net), "head_name", _KNOWN_HEADS.get(type(net), DEFAULT_HEAD_NAME))
     if not isinstance(name, str) or not name:
         raise TypeError(f"{type(net).__name__}.head_name must be a non-empty string, got {name!r}")
     return name
@@ -25,7 +29,7 @@ def head_name(net: nn.Module) -> str:
 def get_head(net: nn.Module) -> nn.Linear:
     """The ``nn.Linear`` head of ``net``; ``ValueError`` naming the attribute looked for otherwise."""
     name = head_name(net)
-    head = getattr(net, name, None)
+    head = dict(net.named_modules()).get(name)
     if not isinstance(head, nn.Linear):
         raise ValueError(
             f"{type(net).__name__} has no nn.Linear head named {name!r} (got {type(head).__name__}); "
@@ -42,5 +46,6 @@ def replace_head(net: nn.Module, num_classes: int, in_features: int | None = Non
     """
     old = get_head(net)
     head = nn.Linear(old.in_features if in_features is None else in_features, num_classes)
-    setattr(net, head_name(net), head)
+    parent, _, child = head_name(net).rpartition(".")
+    (net.get_submodule(parent) if parent else net).add_module(child, head)
     return head

@@ -22,6 +22,8 @@ __all__ = ["Attention", "Block", "MLP", "PatchEmbedding", "VisionTransformer", "
 class Attention(nn.Module):
     """Multi-head self-attention with separate ``q``, ``k``, ``v`` and ``out`` projections (all ``nn.Linear``)."""
 
+    projection_names = ("q", "k", "v", "out")  # what method.linearize=attention linearizes (TAFT)
+
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
         if dim % heads:
