@@ -43,6 +43,9 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lqf_exp.tangent_ops as tangent_ops  # noqa: E402
 from lqf_exp.linearize import TANGENT_PATHS, LinearizedNetwork  # noqa: E402
+from lqf_exp.models import build_network  # noqa: E402
+from lqf_exp.models.build import TRANSFORMERS  # noqa: E402
+from lqf_exp.models.heads import head_name  # noqa: E402
 
 ALPHA = 15.0  # MSE target scale of the paper
 AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}  # Lightning's precision names
@@ -51,7 +54,9 @@ FINETUNE = "finetune"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="resnet18", choices=["resnet18", "resnet50"])
+    p.add_argument("--model", default="resnet18", choices=["resnet18", "resnet50", "vit_b_16"],
+                   help="torchvision's ResNets as they are; vit_b_16 through lqf_exp.models.build_network (GELU, "
+                        "explicit q/k/v/out Linear attention, so LQF takes forward-mode AD: --tangent autodiff)")
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--num-classes", type=int, default=10)
@@ -111,7 +116,10 @@ def build(args: argparse.Namespace) -> tuple[nn.Module, Tensor, Tensor]:
     """Random-weight network in eval mode, a fixed batch and its scaled one-hot targets."""
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
-    net = getattr(torchvision.models, args.model)(num_classes=args.num_classes).eval()
+    if args.model in TRANSFORMERS:
+        net = build_network(args.model, args.num_classes, activation="gelu", weights=None).eval()
+    else:
+        net = getattr(torchvision.models, args.model)(num_classes=args.num_classes).eval()
     net = net.to(device=args.device, dtype=dtype)
     x = torch.randn(args.batch, 3, args.image_size, args.image_size, device=args.device, dtype=dtype)
     if args.channels_last:
@@ -162,7 +170,7 @@ def make_step(args: argparse.Namespace, name: str, net: nn.Module, x: Tensor, y:
     if name == FINETUNE:
         return Step(net, x, y, args)
     linearize, tangent = parse_lqf_name(name)
-    linearized = LinearizedNetwork(copy.deepcopy(net), linearize=linearize, tangent=tangent)
+    linearized = LinearizedNetwork(copy.deepcopy(net), linearize=linearize, tangent=tangent, head_name=head_name(net))
     if args.prefix_cache and len(linearized.prefix):  # the prefix's features computed once, as the LQF module does
         with torch.no_grad():
             return Step(linearized.on_prefix_features(), linearized.prefix(x), y, args)
