@@ -29,7 +29,7 @@ from torch.func import functional_call, jacrev, vmap
 from lqf_exp.delta_selection import DeltaSelection, delta_key, select_deltas
 from lqf_exp.options import TANGENT_PATHS
 from lqf_exp.per_sample_jacobian import hook_jacobian, hook_jacobian_supported
-from lqf_exp.tangent import UnsupportedModuleError, build_dual
+from lqf_exp.tangent import UnsupportedModuleError, build_dual, copy_container
 from lqf_exp.tangent_check import check_prefix_split, fused_agrees_with_autodiff
 
 log = logging.getLogger(__name__)
@@ -40,9 +40,7 @@ __all__ = ["TANGENT_PATHS", "LinearizedNetwork", "zero_gradient_fraction"]
 def _suffix(net: nn.Module, prefix: Sequence[str]) -> nn.Module:
     """``net`` with its prefix children replaced by ``nn.Identity``: maps the prefix's output to ``f(x; w0)``, sharing
     every other module (and parameter name) with ``net``."""
-    suffix = copy.copy(net)
-    suffix._modules = OrderedDict((n, nn.Identity() if n in prefix else m) for n, m in net.named_children())
-    return suffix
+    return copy_container(net, {n: nn.Identity() if n in prefix else m for n, m in net.named_children()})
 
 
 class LinearizedNetwork(nn.Module):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +35,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from lqf_exp.tangent_ops import DualConvFunction, DualLinearFunction, autocast_inputs
 
 __all__ = ["DualActivation", "DualBatchNorm", "DualConv2d", "DualLinear", "DualMaxPool2d", "StackZeroTangent",
-           "UnsupportedModuleError", "build_dual", "fused_supports"]
+           "UnsupportedModuleError", "build_dual", "copy_container", "fused_supports"]
 
 # Modules that are linear maps applied alike to every sample: they act on z = [primal; tangent] as they are.
 _LINEAR_PASSTHROUGH = (nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.Flatten, nn.Identity, nn.Dropout)
@@ -196,21 +197,28 @@ def _dual_leaf(name: str, module: nn.Module, deltas: nn.ParameterDict, key_of: d
     return module  # linear glue, shared: it has no parameters
 
 
-def _shell(module: nn.Module) -> nn.Module:
-    """A container of the same class and settings as ``module``, without its children, parameters or hooks."""
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+               "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs",
+               "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+               "_load_state_dict_post_hooks")
+
+
+def copy_container(module: nn.Module, children: Mapping[str, nn.Module]) -> nn.Module:
+    """A module of ``module``'s class and settings whose children are ``children``, without hooks: ``module``'s own
+    ``forward`` code run on other children. Its own parameters and buffers stay shared with ``module`` (the same
+    dicts, so ``.to()`` and ``functional_call`` on either reach both)."""
+    copied = copy.copy(module)
+    copied._modules = OrderedDict(children)
+    for hooks in _HOOK_DICTS:
+        if hasattr(copied, hooks):
+            setattr(copied, hooks, OrderedDict())
+    return copied
+
+
+def _refuse_own_state(module: nn.Module) -> None:
     if any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False)):
         raise UnsupportedModuleError(f"fused tangent: container {type(module).__name__} holds parameters or "
                                      "buffers of its own, used outside any layer; use method.tangent=autodiff")
-    shell = copy.copy(module)
-    shell._modules = OrderedDict()
-    shell._parameters, shell._buffers = {}, {}
-    for hooks in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
-                  "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs",
-                  "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
-                  "_load_state_dict_post_hooks"):
-        if hasattr(shell, hooks):
-            setattr(shell, hooks, OrderedDict())
-    return shell
 
 
 def _dual_tree(name: str, module: nn.Module, deltas: nn.ParameterDict, key_of: dict[str, str],
@@ -221,11 +229,9 @@ def _dual_tree(name: str, module: nn.Module, deltas: nn.ParameterDict, key_of: d
         return _dual_leaf(name, module, deltas, key_of, plain_input)
     if plain_input:
         return nn.Sequential(StackZeroTangent(), _dual_tree(name, module, deltas, key_of, False))
-    shell = _shell(module)
-    for child_name, child in module.named_children():
-        full = f"{name}.{child_name}" if name else child_name
-        shell.add_module(child_name, _dual_tree(full, child, deltas, key_of, False))
-    return shell
+    _refuse_own_state(module)
+    return copy_container(module, {child: _dual_tree(f"{name}.{child}" if name else child, m, deltas, key_of, False)
+                                   for child, m in module.named_children()})
 
 
 def build_dual(net: nn.Module, blocks: list[str], deltas: nn.ParameterDict, key_of: dict[str, str]) -> nn.Module:
@@ -237,10 +243,7 @@ def build_dual(net: nn.Module, blocks: list[str], deltas: nn.ParameterDict, key_
     """
     children = [n for n, _ in net.named_children()]
     first = children.index(blocks[0])
-    root = _shell(net)
-    for index, (child_name, child) in enumerate(net.named_children()):
-        if index < first:
-            root.add_module(child_name, nn.Identity())
-        else:
-            root.add_module(child_name, _dual_tree(child_name, child, deltas, key_of, plain_input=index == first))
-    return root
+    _refuse_own_state(net)
+    return copy_container(net, {child: nn.Identity() if index < first else
+                                _dual_tree(child, m, deltas, key_of, plain_input=index == first)
+                                for index, (child, m) in enumerate(net.named_children())})

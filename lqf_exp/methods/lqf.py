@@ -203,7 +203,8 @@ class LQF(ClassifierModule):
         """Mean loss of f_lin on the validation split (all ranks)."""
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         count = torch.zeros((), dtype=torch.float64, device=self.device)
-        net = self.linearized.on_prefix_features() if "val" in self.prefix_features else self.linearized
+        # stored validation features imply stored training features, so the solve network then takes features too
+        net = self.solve_network if "val" in self.prefix_features else self.linearized
         for x, y in self._split_batches("val", self.trainer.datamodule.val_dataset):
             total += self.loss_fn.per_sample(net(x), y).sum().double()
             count += len(y)
