@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
 from lqf_exp.curvature import CurvatureTargets, Preconditioner
+from lqf_exp.data.distributed import EvalShard, rank_and_world
 from lqf_exp.head_init import check_head_init_kind, fit_validated_head, init_head
 from lqf_exp.jacobian_cache import JacobianCache
 from lqf_exp.linearize import LinearizedNetwork
@@ -152,8 +153,9 @@ class LQF(ClassifierModule):
 
     # -- data the solver reads beyond the training loop ---------------------------------------------------------
     def _rank_share(self, dataset: Any) -> Any:
-        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self._trainer is not None else (1, 0)
-        return dataset if world == 1 else Subset(dataset, list(range(rank, len(dataset), world)))
+        """This rank's block of ``dataset``, by the rule its evaluation loaders shard with (each sample once)."""
+        rank, world = rank_and_world(self._trainer)
+        return dataset if world == 1 else Subset(dataset, list(EvalShard(dataset, rank, world)))
 
     def _batches(self, dataset: Any) -> Any:
         return ((x.to(self.device), y.to(self.device)) for x, y in self.eval_loader(self._rank_share(dataset)))
