@@ -54,9 +54,9 @@ FINETUNE = "finetune"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="resnet18", choices=["resnet18", "resnet50", "vit_b_16"],
-                   help="torchvision's ResNets as they are; vit_b_16 through lqf_exp.models.build_network (GELU, "
-                        "explicit q/k/v/out Linear attention, so LQF takes forward-mode AD: --tangent autodiff)")
+    p.add_argument("--model", default="resnet18", choices=["resnet18", "resnet50", "vit_tiny", "vit_b_16"],
+                   help="torchvision's ResNets as they are; vit_tiny (32 px) and vit_b_16 (224 px) through "
+                        "lqf_exp.models.build_network (GELU, explicit q/k/v/out Linear attention)")
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--num-classes", type=int, default=10)
