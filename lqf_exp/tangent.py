@@ -12,7 +12,11 @@ counterpart:
 - eval ``BatchNorm`` → :class:`DualBatchNorm`: one per-channel scale of ``z`` and a shift of the primal half only.
 - ``ReLU``/``LeakyReLU`` → :class:`DualActivation`: ``z`` times the slope mask of the primal half.
 - ``MaxPool2d`` → :class:`DualMaxPool2d`: the tangent is gathered at the primal's argmax.
-- linear glue (average pooling, flatten, identity, eval dropout) is shared as it is: it acts alike on both halves.
+- linear glue (average pooling, flatten, identity) is shared as it is: it acts alike on both halves; dropout
+  becomes ``nn.Identity`` (the dual tree is the network at w0 in eval mode; a dropout mask drawn on ``z`` would
+  differ between the halves).
+- LayerNorm, GELU/SiLU/Tanh/Sigmoid, attention and the ViTs' embeddings (class token, position embedding):
+  :mod:`lqf_exp.tangent_vit`.
 
 The dual modules hold no weights of their own. They read w0 from the base network's leaf and δ from the
 :class:`~lqf_exp.linearize.LinearizedNetwork`'s ``deltas`` at call time, through references that are not
@@ -32,18 +36,22 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from lqf_exp.tangent_ops import DualConvFunction, DualLinearFunction, autocast_inputs
+from lqf_exp.tangent_ops import (
+    DualConvFunction,
+    DualLeaf,
+    DualLinearFunction,
+    UnsupportedModuleError,
+    autocast_inputs,
+    halves,
+)
+from lqf_exp.tangent_vit import SMOOTH_ACTIVATIONS, DualLayerNorm, DualSmoothActivation, container_rule
 
 __all__ = ["DualActivation", "DualBatchNorm", "DualConv2d", "DualLinear", "DualMaxPool2d", "StackZeroTangent",
            "UnsupportedModuleError", "build_dual", "copy_container", "fused_supports"]
 
 # Modules that are linear maps applied alike to every sample: they act on z = [primal; tangent] as they are.
 _LINEAR_PASSTHROUGH = (nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.Flatten, nn.Identity, nn.Dropout)
-_RULED = (nn.Conv2d, nn.Linear, _BatchNorm, nn.ReLU, nn.LeakyReLU, nn.MaxPool2d)
-
-
-class UnsupportedModuleError(RuntimeError):
-    """A module of the linearized blocks has no fused tangent rule."""
+_RULED = (nn.Conv2d, nn.Linear, _BatchNorm, nn.LayerNorm, nn.ReLU, nn.LeakyReLU, nn.MaxPool2d, *SMOOTH_ACTIVATIONS)
 
 
 def fused_supports(module: nn.Module) -> bool:
@@ -56,31 +64,7 @@ def fused_supports(module: nn.Module) -> bool:
     return isinstance(module, _RULED + _LINEAR_PASSTHROUGH)
 
 
-def _halves(z: Tensor) -> Tensor:
-    """``z`` viewed as ``[2, B, ...]``: primal and tangent."""
-    return z.view(2, z.shape[0] // 2, *z.shape[1:])
-
-
-class _DualLeaf(nn.Module):
-    """A dual module: reads w0 from ``base`` and δ from ``deltas[keys[...]]`` when called (neither registered here)."""
-
-    def __init__(self, base: nn.Module, deltas: nn.ParameterDict, keys: dict[str, str]) -> None:
-        super().__init__()
-        # Plain attributes, not submodules/parameters: the LinearizedNetwork owns both, so its state dict, .to()
-        # and DDP see them once; functional_call(..., {"deltas.<key>": v}) swaps what these lookups return.
-        self.__dict__["base"] = base
-        self.__dict__["deltas"] = deltas
-        self.keys = dict(keys)
-
-    def delta(self, name: str) -> Tensor | None:
-        key = self.keys.get(name)
-        return None if key is None else self.deltas[key]
-
-    def extra_repr(self) -> str:
-        return f"{type(self.base).__name__}, δ={sorted(self.keys)}"
-
-
-class DualConv2d(_DualLeaf):
+class DualConv2d(DualLeaf):
     """``[conv(p, W0) + b0; conv(t, W0) + conv(p, δW) + δb]``; ``plain_input``: the input is ``p`` alone (t = 0)."""
 
     def __init__(self, base: nn.Conv2d, deltas: nn.ParameterDict, keys: dict[str, str], plain_input: bool) -> None:
@@ -93,7 +77,7 @@ class DualConv2d(_DualLeaf):
         return DualConvFunction.apply(*inputs, self.args, not self.plain_input)
 
 
-class DualLinear(_DualLeaf):
+class DualLinear(DualLeaf):
     """The ``Linear`` counterpart of :class:`DualConv2d`."""
 
     def __init__(self, base: nn.Linear, deltas: nn.ParameterDict, keys: dict[str, str], plain_input: bool) -> None:
@@ -105,7 +89,7 @@ class DualLinear(_DualLeaf):
         return DualLinearFunction.apply(*inputs, not self.plain_input)
 
 
-class DualBatchNorm(_DualLeaf):
+class DualBatchNorm(DualLeaf):
     """Eval BatchNorm on ``z``: scale both halves, shift the primal only; δγ, δβ (``bn_affine=linearize``) add
     ``x̂·δγ + δβ`` to the tangent, ``x̂`` the normalized primal."""
 
@@ -118,7 +102,7 @@ class DualBatchNorm(_DualLeaf):
         if bn.bias is not None:
             shift = shift + bn.bias
         view = (1, -1) + (1,) * (z.dim() - 2)
-        zv = _halves(z)
+        zv = halves(z)
         shifts = torch.stack([shift, torch.zeros_like(shift)]).view((2, 1, -1) + view[2:])
         out = torch.addcmul(shifts.to(z.dtype), zv, scale.view((1,) + view).to(z.dtype))
         d_gamma, d_beta = self.delta("weight"), self.delta("bias")
@@ -142,7 +126,7 @@ class DualActivation(nn.Module):
         self.negative_slope = float(negative_slope)
 
     def forward(self, z: Tensor) -> Tensor:
-        zv = _halves(z)
+        zv = halves(z)
         mask_of = zv[0].detach().unsqueeze(0)  # the mask holds no gradient
         if self.negative_slope == 0.0:
             return torch.ops.aten.threshold_backward(zv, mask_of, 0.0).view(z.shape)
@@ -160,7 +144,7 @@ class DualMaxPool2d(nn.Module):
         self.pool = (base.kernel_size, base.stride, base.padding, base.dilation, base.ceil_mode)
 
     def forward(self, z: Tensor) -> Tensor:
-        primal, tangent = _halves(z)
+        primal, tangent = halves(z)
         kernel, stride, padding, dilation, ceil_mode = self.pool
         p_out, index = F.max_pool2d(primal, kernel, stride, padding, dilation, ceil_mode=ceil_mode,
                                     return_indices=True)
@@ -175,10 +159,15 @@ class StackZeroTangent(nn.Module):
         return torch.cat([x, torch.zeros_like(x)])
 
 
+def _own_keys(name: str, module: nn.Module, key_of: dict[str, str]) -> dict[str, str]:
+    """``module``'s own parameters that have a δ, mapped to their keys in ``deltas``."""
+    prefix = f"{name}." if name else ""
+    return {p: key_of[prefix + p] for p, _ in module.named_parameters(recurse=False) if prefix + p in key_of}
+
+
 def _dual_leaf(name: str, module: nn.Module, deltas: nn.ParameterDict, key_of: dict[str, str],
                plain_input: bool) -> nn.Module:
-    prefix = f"{name}." if name else ""
-    keys = {p: key_of[prefix + p] for p, _ in module.named_parameters(recurse=False) if prefix + p in key_of}
+    keys = _own_keys(name, module, key_of)
     if not fused_supports(module):
         raise UnsupportedModuleError(f"fused tangent: module {name!r} ({type(module).__name__}) has no fused rule; "
                                      "use method.tangent=autodiff")
@@ -190,10 +179,16 @@ def _dual_leaf(name: str, module: nn.Module, deltas: nn.ParameterDict, key_of: d
         raise AssertionError(name)
     if isinstance(module, _BatchNorm):
         return DualBatchNorm(module, deltas, keys)
+    if isinstance(module, nn.LayerNorm):
+        return DualLayerNorm(module, deltas, keys)
+    if isinstance(module, SMOOTH_ACTIVATIONS):
+        return DualSmoothActivation(module)
     if isinstance(module, (nn.ReLU, nn.LeakyReLU)):
         return DualActivation(module.negative_slope if isinstance(module, nn.LeakyReLU) else 0.0)
     if isinstance(module, nn.MaxPool2d):
         return DualMaxPool2d(module)
+    if isinstance(module, nn.Dropout):
+        return nn.Identity()
     return module  # linear glue, shared: it has no parameters
 
 
@@ -223,6 +218,12 @@ def _refuse_own_state(module: nn.Module) -> None:
 
 def _dual_tree(name: str, module: nn.Module, deltas: nn.ParameterDict, key_of: dict[str, str],
                plain_input: bool) -> nn.Module:
+    rule = container_rule(module)
+    if rule is not None and (rule.plain_child is not None or not plain_input):
+        children = {child: _dual_tree(f"{name}.{child}" if name else child, m, deltas, key_of,
+                                      plain_input and child == rule.plain_child)
+                    for child, m in module.named_children()}
+        return rule(module, deltas, _own_keys(name, module, key_of), children)
     if next(module.children(), None) is None:
         if plain_input and not isinstance(module, (nn.Conv2d, nn.Linear)):
             return nn.Sequential(StackZeroTangent(), _dual_leaf(name, module, deltas, key_of, False))
@@ -243,6 +244,10 @@ def build_dual(net: nn.Module, blocks: list[str], deltas: nn.ParameterDict, key_
     """
     children = [n for n, _ in net.named_children()]
     first = children.index(blocks[0])
+    if container_rule(net) is not None:  # a root with a rule (torchvision's ViT) splits off no prefix
+        if first:
+            raise UnsupportedModuleError(f"fused tangent: {type(net).__name__} with a frozen prefix")
+        return _dual_tree("", net, deltas, key_of, plain_input=True)
     _refuse_own_state(net)
     return copy_container(net, {child: nn.Identity() if index < first else
                                 _dual_tree(child, m, deltas, key_of, plain_input=index == first)

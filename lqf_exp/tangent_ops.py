@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["UNFOLD_MAX_POSITIONS", "DualConvFunction", "DualLinearFunction", "autocast_inputs"]
+__all__ = ["UNFOLD_MAX_POSITIONS", "DualConvFunction", "DualLeaf", "DualLinearFunction", "UnsupportedModuleError",
+           "autocast_inputs", "halves"]
 
 # On CPU, oneDNN's weight gradient is slow when a convolution has few output positions per sample (ResNet's last
 # stages at small resolution: 7× a forward at 1×1, 2.6× at 2×2, on the 2-core box); there an unfold and one matrix
@@ -34,6 +35,34 @@ def _unfolded_weight_gradient(g_t: Tensor, primal: Tensor, shape: torch.Size, ar
     rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])  # [B·L, C_in·k·k]
     grads = g_t.flatten(2).transpose(1, 2).reshape(-1, shape[0])  # [B·L, C_out]
     return (grads.t() @ rows).view(shape)
+
+
+class UnsupportedModuleError(RuntimeError):
+    """A module of the linearized blocks has no fused tangent rule."""
+
+
+def halves(z: Tensor) -> Tensor:
+    """``z = [primal; tangent]`` viewed as ``[2, B, ...]``."""
+    return z.view(2, z.shape[0] // 2, *z.shape[1:])
+
+
+class DualLeaf(nn.Module):
+    """A dual module: reads w0 from ``base`` and δ from ``deltas[keys[...]]`` when called (neither registered here)."""
+
+    def __init__(self, base: nn.Module, deltas: nn.ParameterDict, keys: dict[str, str]) -> None:
+        super().__init__()
+        # Plain attributes, not submodules/parameters: the LinearizedNetwork owns both, so its state dict, .to()
+        # and DDP see them once; functional_call(..., {"deltas.<key>": v}) swaps what these lookups return.
+        self.__dict__["base"] = base
+        self.__dict__["deltas"] = deltas
+        self.keys = dict(keys)
+
+    def delta(self, name: str) -> Tensor | None:
+        key = self.keys.get(name)
+        return None if key is None else self.deltas[key]
+
+    def extra_repr(self) -> str:
+        return f"{type(self.base).__name__}, δ={sorted(self.keys)}"
 
 
 def _zeros_like(t: Tensor) -> Tensor:

@@ -154,20 +154,20 @@ def test_a_non_linearity_the_rules_cannot_see_is_refused() -> None:
 
 
 def test_a_module_without_a_rule_on_the_tangent_is_refused() -> None:
-    net = nn.Sequential(nn.Linear(3, 4), nn.GELU(), nn.Linear(4, 2)).double()
-    with pytest.raises(UnsupportedModuleError, match="GELU"):
+    net = nn.Sequential(nn.Linear(3, 4), nn.ELU(), nn.Linear(4, 2)).double()
+    with pytest.raises(UnsupportedModuleError, match="ELU"):
         LinearizedNetwork(net, tangent="fused")(torch.randn(2, 3, dtype=torch.float64))
     # in the frozen prefix it only ever sees the plain batch, which is fine
     prefix = nn.Sequential()
-    prefix.add_module("stem", nn.Sequential(nn.Linear(3, 4), nn.GELU()))
+    prefix.add_module("stem", nn.Sequential(nn.Linear(3, 4), nn.ELU()))
     prefix.add_module("fc", nn.Linear(4, 2))
     m = LinearizedNetwork(prefix.double(), linearize="head", tangent="fused")
     assert m(torch.randn(2, 3, dtype=torch.float64)).shape == (2, 2)
 
 
 def test_auto_takes_forward_mode_ad_where_the_rules_do_not_reach(caplog) -> None:
-    with_module = LinearizedNetwork(nn.Sequential(nn.Linear(3, 4), nn.GELU(), nn.Linear(4, 2)).double())
-    assert with_module.dual is None  # decided at construction: GELU has no rule
+    with_module = LinearizedNetwork(nn.Sequential(nn.Linear(3, 4), nn.ELU(), nn.Linear(4, 2)).double())
+    assert with_module.dual is None  # decided at construction: ELU has no rule
     reflect = nn.Sequential(nn.Conv2d(3, 2, 3, padding=1, padding_mode="reflect"), nn.Flatten(), nn.Linear(32, 2))
     assert LinearizedNetwork(reflect.double()).dual is None  # a variant the conv rule refuses
     assert LinearizedNetwork(tiny_cnn()).tangent == "auto" and LinearizedNetwork(tiny_cnn()).dual is not None
