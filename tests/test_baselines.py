@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Subset
 from lqf_exp.head_fit import fit_head_on_validation, fit_ridge_head
 from lqf_exp.head_init import fit_validated_head
 from lqf_exp.losses import CrossEntropyLoss
-from lqf_exp.methods.schedules import constant, cosine, step_decay
+from lqf_exp.methods.schedules import constant, cosine, step_decay, warmup_cosine
 from lqf_exp.models import build_network
 from lqf_exp.pipeline import build, build_module, run
 from lqf_exp.results import METRICS_FILE
@@ -115,6 +115,13 @@ def test_schedules_are_fractions_of_the_run() -> None:
     assert lrs(cosine, 10)[-1] == pytest.approx(0.0, abs=1e-12) and lrs(cosine, 10)[5] == pytest.approx(0.5)
     assert lrs(step_decay, 10) == pytest.approx([1.0] * 5 + [0.1] * 3 + [0.01] * 3)
     assert lrs(constant, 4) == [1.0] * 5
+    # 2 warm-up steps of 10 (1/2, 2/2), then a cosine over the 8 others down to final_factor
+    warm = lrs(lambda opt, total: warmup_cosine(opt, total, warmup_fraction=0.2, final_factor=0.1), 10)
+    assert warm[:3] == pytest.approx([0.5, 1.0, 1.0])
+    assert warm[6] == pytest.approx(0.1 + 0.9 * 0.5) and warm[-1] == pytest.approx(0.1)
+    assert lrs(lambda opt, total: warmup_cosine(opt, total, warmup_fraction=0.0), 10) == pytest.approx(lrs(cosine, 10))
+    with pytest.raises(ValueError, match=r"warmup_fraction is a fraction of the run in \[0, 1\), got 1.5"):
+        warmup_cosine(SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), 10, warmup_fraction=1.5)
     with pytest.raises(ValueError, match=r"fractions of the run in \(0, 1\), got \[0.5, 2.0\]"):
         step_decay(SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), 10, milestones=(0.5, 2.0))
     with pytest.raises(ValueError, match="total_steps=0"):
