@@ -75,7 +75,9 @@ def build(node: DictConfig, **kwargs: Any) -> Any:
 def build_module(cfg: DictConfig, datamodule: ClassificationDataModule) -> ClassifierModule:
     # Seeded here so that a randomly initialized w0 (and head) is a function of the seed, hence rebuildable.
     torch.manual_seed(cfg.seed)
-    net = build(cfg.model, activation=OmegaConf.to_container(cfg.activation), num_classes=datamodule.num_classes)
+    # resolve: activation=native names the model's native_activation through an interpolation
+    activation = OmegaConf.to_container(cfg.activation, resolve=True)
+    net = build(cfg.model, activation=activation, num_classes=datamodule.num_classes)
     loss_fn = instantiate(cfg.loss)
     # The method's config names what it trains with (solver and stopping rule, or optimizer and schedule).
     return build(

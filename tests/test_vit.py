@@ -119,10 +119,16 @@ def test_sqrt_cov_refused() -> None:
         build_network("vit_tiny", 10, "gelu", pooling="sqrt_cov")
 
 
-@pytest.mark.parametrize("weights", ["packaged", "imagenet"])
-def test_no_packaged_or_imagenet_weights(weights: str) -> None:
-    with pytest.raises(ValueError, match="vit_tiny"):
-        build_network("vit_tiny", 10, "gelu", weights=weights)
+def test_no_imagenet_weights() -> None:
+    with pytest.raises(ValueError, match="vit_tiny has no ImageNet weights"):
+        build_network("vit_tiny", 10, "gelu", weights="imagenet")
+
+
+def test_packaged_checkpoint_only_with_its_activation() -> None:
+    with pytest.raises(ValueError, match="pretrained with activation 'gelu', but activation=leaky_relu"):
+        build_network("vit_tiny", 10, "leaky_relu", weights="packaged", native_activation="gelu")
+    with pytest.raises(ValueError, match="Unknown model.native_activation 'swish'"):
+        build_network("vit_tiny", 10, "gelu", native_activation="swish")
 
 
 def test_checkpoint_activation_must_match(tmp_path: Path) -> None:
@@ -142,7 +148,28 @@ def test_gelu_activation() -> None:
 
 def test_model_config_selects_gelu(make_cfg: Callable[..., DictConfig]) -> None:
     assert make_cfg(["model=vit_tiny"]).activation.name == "gelu"
+    assert make_cfg(["model=vit_b_16"]).activation.name == "gelu"
     assert make_cfg(["model=vit_tiny", "activation=relu"]).activation.name == "relu"
     assert make_cfg([]).activation.name == "leaky_relu"  # the ResNet default is untouched
     cfg = make_cfg(["model=vit_tiny"])
     assert cfg.model.arch == "vit_tiny" and cfg.model.weights is None
+
+
+@pytest.mark.parametrize(("model", "baseline", "lqf"), [("small_resnet", "relu", "leaky_relu"),
+                                                      ("resnet50", "relu", "leaky_relu"),
+                                                      ("vit_tiny", "gelu", "gelu")])
+def test_recipes_take_the_networks_own_activation(make_cfg: Callable[..., DictConfig], model: str, baseline: str,
+                                                  lqf: str) -> None:
+    """The baselines run the activation the weights were pretrained with; LQF swaps ReLU only (a ResNet's)."""
+    for experiment in ("nlft", "lpft", "probe", "gaf"):
+        assert make_cfg([f"model={model}", f"experiment={experiment}"]).activation.name == baseline
+    for experiment in ("lqf", "lqf_fc"):
+        assert make_cfg([f"model={model}", f"experiment={experiment}"]).activation.name == lqf
+
+
+def test_pretrain_recipe_is_a_transformers(make_cfg: Callable[..., DictConfig]) -> None:
+    cfg = make_cfg(["experiment=pretrain_vit"])
+    assert (cfg.task.name, cfg.model.arch, cfg.model.weights, cfg.data.name) == ("pretrain", "vit_tiny", None,
+                                                                                  "fmnist_source")
+    assert cfg.optim._target_ == "torch.optim.AdamW" and cfg.schedule.warmup_fraction > 0
+    assert cfg.activation.name == "gelu"

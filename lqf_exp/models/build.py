@@ -10,6 +10,8 @@ from typing import Any
 from torch import nn
 from torchvision import models as tvm
 
+from lqf_exp.options import ACTIVATIONS
+
 from . import weights as W
 from .activations import ActivationFactory, make_activation, parse_activation, swap_activations
 from .explicit_attention import use_explicit_attention
@@ -28,8 +30,7 @@ _TORCHVISION: dict[str, tuple[Callable[..., nn.Module], Any]] = {
 _VITS: dict[str, Callable[..., nn.Module]] = {"vit_tiny": vit_tiny}
 ARCHS: tuple[str, ...] = ("small_resnet", *_TORCHVISION, *_VITS)
 # Built with their activation (GELU) and pretrained with it: swapping it for another is not the small post-hoc change
-# ReLU -> Leaky-ReLU is for a ResNet, so a checkpoint's activation must match the requested one.
-_NATIVE_ACTIVATION = {"vit_tiny": "gelu", "vit_b_16": "gelu"}
+# ReLU -> Leaky-ReLU is for a ResNet, so a transformer checkpoint's activation must match the requested one.
 TRANSFORMERS = ("vit_tiny", "vit_b_16")
 _NO_WEIGHTS = (None, "", "null", "none", "None")
 
@@ -84,17 +85,18 @@ def _use_sqrt_cov(net: nn.Module, num_classes: int, reduce_dim: int | None, iter
     replace_head(net, num_classes, in_features=pool.out_features)
 
 
-def _check_native_activation(arch: str, act_name: str, source: str, info: Mapping[str, Any]) -> None:
+def _check_transformer_activation(arch: str, act_name: str, native: str | None, source: str,
+                                  info: Mapping[str, Any]) -> None:
     """Refuse loading a ViT checkpoint pretrained with one activation into a network with another.
 
     Random init (``model.weights=null``) with relu/leaky_relu stays allowed: that is an ablation of the architecture,
-    not a swap of trained weights. A plain state dict records no activation and is taken to have the native one.
+    not a swap of trained weights. A plain state dict records no activation and is taken to have the native one
+    (``model.native_activation``, e.g. torchvision's ImageNet ViT: GELU).
     """
-    native = _NATIVE_ACTIVATION.get(arch)
-    if native is None:
+    if arch not in TRANSFORMERS:
         return
     recorded = W.recorded_activation(info.get("activation")) or native
-    if recorded != act_name:
+    if recorded is not None and recorded != act_name:
         raise ValueError(
             f"Checkpoint {source} of {arch} was pretrained with activation {recorded!r}, but activation={act_name} "
             f"was requested: {arch}'s weights are not reused across activations. Use activation={recorded}, or "
@@ -110,6 +112,7 @@ def build_network(
     pooling: str = "avg",
     pooling_reduce_dim: int | None = None,
     pooling_iterations: int = 5,
+    native_activation: str | None = None,
     **kw: Any,
 ) -> nn.Module:
     """Build ``arch`` with a new head for ``num_classes``, load ``weights``, swap activations.
@@ -123,8 +126,10 @@ def build_network(
     which ``"avg"`` ignores). Loading an average-pooled checkpoint (packaged, ImageNet) keeps the backbone
     and leaves the new parts at their init: the head (another size) and any reduction layer, drawn from the
     global RNG (the pipeline seeds it before building, so w0 stays a function of the config and the seed).
-    ``vit_tiny`` (:mod:`lqf_exp.models.vit`): built with the requested activation (GELU by its config), no ImageNet
-    or packaged weights, ``pooling="avg"`` only, and a checkpoint must have been trained with the same activation.
+    ``native_activation``: the activation the architecture is built and pretrained with (its model config states it;
+    ``activation=native`` selects it). ViTs (``vit_tiny``, :mod:`lqf_exp.models.vit`, and ``vit_b_16``) are built
+    with the requested activation, take ``pooling="avg"`` only, and load only a checkpoint trained with the same
+    activation (a plain state dict is taken to have the native one).
     Extra ``kw`` go to the architecture constructor (e.g. ``widths`` for ``small_resnet``).
     """
     if arch not in ARCHS:
@@ -135,10 +140,12 @@ def build_network(
     act_name, slope = parse_activation(activation)
     factory = make_activation(act_name, slope)  # validate before any (slow) building or downloading
     source = None if weights in _NO_WEIGHTS else os.fspath(weights)
+    if native_activation is not None and native_activation not in ACTIVATIONS:
+        raise ValueError(f"Unknown model.native_activation {native_activation!r}; valid names are: "
+                         f"{', '.join(ACTIVATIONS)}")
     if source == "packaged":
-        if arch in TRANSFORMERS:  # say so instead of naming a file that was never made
-            raise ValueError(f"There is no packaged source checkpoint for {arch} yet; use model.weights=null "
-                             "or model.weights=/path/to/checkpoint.pt")
+        if arch in TRANSFORMERS:  # refused by name before a file for another activation is looked for
+            _check_transformer_activation(arch, act_name, native_activation, "packaged", {})
         source = os.fspath(W.packaged_checkpoint_path(arch, act_name))
     net = _backbone(arch, num_classes, imagenet=source == "imagenet", kw=dict(kw), act=factory)
     if pooling == "sqrt_cov":
@@ -148,7 +155,7 @@ def build_network(
         fresh = ("avgpool.",) if pooling == "sqrt_cov" else ()
         info = W.load_network_weights(net, source, activation_name=act_name, fresh_prefixes=fresh,
                                       head_prefix=f"{head_name(net)}.")
-        _check_native_activation(arch, act_name, source, info)
+        _check_transformer_activation(arch, act_name, native_activation, source, info)
         log.info("Loaded %s weights from %s (meta: %s)", arch, source, info.get("meta"))
     n = swap_activations(net, factory)
     log.debug("Swapped %d activation modules of %s to %s", n, arch, act_name)
