@@ -185,6 +185,25 @@ def test_ablation_relative_increase(ablation_report: tuple[Path, str]) -> None:
     assert "ValueError: boom" in failures and failures.count("RuntimeError: OOM") == 2
 
 
+def test_vit_ablation_keeps_gelu_and_has_no_activation_row(tmp_path: Path) -> None:
+    """A ViT's ablation runs its own GELU throughout: full LQF is GELU + MSE + K-FAC, two removals, four rows."""
+    errs = {("mse", "kfac"): 10, ("ce", "kfac"): 14, ("mse", "none"): 12, ("ce", "none"): 20}
+    for (loss, precond), err in errs.items():
+        write_cell(tmp_path / "ablation", f"{loss}-{precond}", err, model="vit_tiny", activation="gelu", loss=loss,
+                   precond=precond)
+    text = write_report(tmp_path / "ablation", kind="ablation").read_text()
+    rows = md_table(text, "Ablation: test error")
+    assert [r[:4] for r in rows] == [
+        ["gelu", "mse", "kfac", "— (full LQF)"], ["gelu", "mse", "none", "K-FAC → none"],
+        ["gelu", "ce", "kfac", "MSE → CE"], ["gelu", "ce", "none", "MSE → CE, K-FAC → none"],
+    ]
+    rel = read_csv(tmp_path / "ablation" / "report" / "ablation_relative.csv")
+    assert {r["removed"] for r in rel} == {"MSE → CE", "K-FAC → none"}
+    (row,) = rows_where(rel, data="digits", removed="MSE → CE")
+    assert float(row["rel_increase_pct"]) == pytest.approx(40.0)
+    assert "Full LQF = gelu + mse + kfac" in text
+
+
 def test_table1_selects_by_validation_not_test(tmp_path: Path) -> None:
     sweep = tmp_path / "table1"
     grid = [(0.01, 1e-4), (0.01, 1e-5), (0.001, 1e-4), (0.001, 1e-5)]
@@ -260,6 +279,23 @@ def test_table1_selects_by_validation_not_test(tmp_path: Path) -> None:
     )
     assert pending["weight_decay"] == "" and float(pending["lr"]) == 0.001
     assert "pets/lqf-s1" in text.split("## Diverged, failed and missing cells", 1)[1]
+
+
+def test_paired_wins_ties_losses_per_seed(tmp_path: Path) -> None:
+    """LQF against NLFT seed by seed, at NLFT's grid point picked by validation (lr 0.01 here, not the lower-error
+    lr 0.001)."""
+    sweep = tmp_path / "table1"
+    lqf, nlft, nlft_other_lr = [7.0, 6.0, 5.0], [8.0, 6.0, 4.0], [1.0, 1.0, 1.0]
+    for seed in range(3):
+        write_cell(sweep, f"lqf-s{seed}", lqf[seed], recipe="lqf", seed=seed)
+        write_cell(sweep, f"nlft-a-s{seed}", nlft[seed], val=0.9, recipe="nlft", method="finetune", seed=seed)
+        write_cell(sweep, f"nlft-b-s{seed}", nlft_other_lr[seed], val=0.5, recipe="nlft", method="finetune",
+                   lr=0.001, seed=seed)
+    text = write_report(sweep, kind="table1").read_text()
+    (row,) = md_table(text, "Paired per seed")
+    assert row == ["digits", "nlft", "1–1–1", "s0: 7.00 vs 8.00, s1: 6.00 vs 6.00, s2: 5.00 vs 4.00"]
+    outcomes = [r["outcome"] for r in read_csv(sweep / "report" / "paired.csv")]
+    assert outcomes == ["win", "tie", "loss"]
 
 
 def test_lowshot_values(tmp_path: Path) -> None:

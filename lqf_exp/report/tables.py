@@ -8,6 +8,7 @@ from pathlib import Path
 
 from lqf_exp.report.collect import Cell
 from lqf_exp.report.markdown import Section, Table, fmt_num
+from lqf_exp.report.paired import paired_section
 from lqf_exp.report.plots import box_plot
 from lqf_exp.report.stats import (
     HP_KEYS,
@@ -31,12 +32,20 @@ SELECTION_NOTE = (
 COMPONENTS = ("activation", "loss", "precond")
 COMPONENT_VALUES = {"activation": ("leaky_relu", "relu"), "loss": ("mse", "ce"), "precond": ("kfac", "none")}
 FULL_LQF = ("leaky_relu", "mse", "kfac")
-REMOVALS = {
-    "MSE → CE": ("leaky_relu", "ce", "kfac"),
-    "K-FAC → none": ("leaky_relu", "mse", "none"),
-    "Leaky-ReLU → ReLU": ("relu", "mse", "kfac"),
-}
 _REMOVED_NAMES = {"activation": "Leaky-ReLU → ReLU", "loss": "MSE → CE", "precond": "K-FAC → none"}
+
+
+def removals(full: tuple) -> dict[str, tuple]:
+    """Each component of ``full`` LQF swapped for the paper's alternative: the activation only where full LQF swaps
+    ReLU for Leaky-ReLU (a ResNet); a ViT keeps its own GELU, so its ablation has no activation row."""
+    activation, loss, precond = full
+    out = {"MSE → CE": (activation, "ce", precond), "K-FAC → none": (activation, loss, "none")}
+    if activation == "leaky_relu":
+        out["Leaky-ReLU → ReLU"] = ("relu", loss, precond)
+    return out
+
+
+REMOVALS = removals(FULL_LQF)
 
 
 def rel_text(value: float | None, pick: Pick, ref: Pick) -> str:
@@ -80,6 +89,7 @@ def table1_section(cells: Sequence[Cell], out_dir: Path) -> list[Section]:
     hp_rows = [[d, *(_hp_text(picks[d, m], varying) for m in labels)] for d in datasets]
     hp_table = Table("table1", "Selected grid point (by validation accuracy)", ["data set", *labels], hp_rows, None)
     sections = [Section("Table 1: test error", [SELECTION_NOTE, "Bold: lowest error of the row."], [table, hp_table])]
+    sections += paired_section(picks, datasets, labels)
 
     nlft = nlft_label(labels)
     if nlft is None:
@@ -130,51 +140,53 @@ def _ablation_groups(cells: Sequence[Cell]) -> dict[str, list[Cell]]:
     return {b: chosen[b] for b in sort_labels(chosen)}
 
 
-def _removed(combo: tuple) -> str:
-    pairs = zip(COMPONENTS, combo, FULL_LQF, strict=True)
+def _removed(combo: tuple, full: tuple) -> str:
+    pairs = zip(COMPONENTS, combo, full, strict=True)
     names = [_REMOVED_NAMES.get(k, f"{k}={v}") for k, v, full in pairs if v != full]
     return ", ".join(names) if names else "— (full LQF)"
 
 
-def _ablation_rows(base: str, group: list[Cell], datasets: list, combos: list[tuple], prefix: list[str]) -> tuple:
-    """Markdown rows, CSV rows and plot values of one method's ablation."""
+def _ablation_rows(base: str, group: list[Cell], datasets: list, combos: list[tuple], full: tuple,
+                   prefix: list[str]) -> tuple:
+    """Markdown rows, CSV rows and plot values of one method's ablation against its ``full`` combination."""
+    swaps = removals(full)
     picks = {
         (d, combo): Pick([c for c in group if c.get("data") == d and tuple(c.get(k) for k in COMPONENTS) == combo])
         for d, combo in itertools.product(datasets, combos)
     }
-    rows = [[*prefix, *combo, _removed(combo), *(picks[d, combo].text() for d in datasets)] for combo in combos]
+    rows = [[*prefix, *combo, _removed(combo, full), *(picks[d, combo].text() for d in datasets)] for combo in combos]
     csv_rows = [
-        {"method": base, "data": d, **dict(zip(COMPONENTS, combo, strict=True)), "removed": _removed(combo)}
+        {"method": base, "data": d, **dict(zip(COMPONENTS, combo, strict=True)), "removed": _removed(combo, full)}
         | picks[d, combo].csv_fields()
         for combo in combos
         for d in datasets
     ]
     rel_rows, rel_csv = [], []
     rel = {
-        (d, name): rel_increase(picks[d, combo].best.mean, picks[d, FULL_LQF].best.mean)
+        (d, name): rel_increase(picks[d, combo].best.mean, picks[d, full].best.mean)
         for d in datasets
-        for name, combo in REMOVALS.items()
+        for name, combo in swaps.items()
     }
     for d in datasets:
-        full = picks[d, FULL_LQF]
-        texts = [rel_text(rel[d, name], picks[d, combo], full) for name, combo in REMOVALS.items()]
+        reference = picks[d, full]
+        texts = [rel_text(rel[d, name], picks[d, combo], reference) for name, combo in swaps.items()]
         rel_rows.append([*prefix, d, *texts])
         rel_csv += [
             {
                 "method": base,
                 "data": d,
                 "removed": name,
-                "full_test_err": full.best.mean,
+                "full_test_err": reference.best.mean,
                 "ablated_test_err": picks[d, combo].best.mean,
                 "rel_increase_pct": rel[d, name],
             }
-            for name, combo in REMOVALS.items()
+            for name, combo in swaps.items()
         ]
-    boxes = {name: [rel[d, name] for d in datasets] for name in REMOVALS}
+    boxes = {name: [rel[d, name] for d in datasets] for name in swaps}
     medians = {name: median(values) for name, values in boxes.items()}
     counts = {name: sum(v is not None for v in values) for name, values in boxes.items()}
-    rel_rows.append([*prefix, "**median**", *(f"{pct(medians[n])} (n={counts[n]})" for n in REMOVALS)])
-    rel_csv += [{"method": base, "data": "median", "removed": n, "rel_increase_pct": medians[n]} for n in REMOVALS]
+    rel_rows.append([*prefix, "**median**", *(f"{pct(medians[n])} (n={counts[n]})" for n in swaps)])
+    rel_csv += [{"method": base, "data": "median", "removed": n, "rel_increase_pct": medians[n]} for n in swaps]
     return rows, csv_rows, rel_rows, rel_csv, boxes
 
 
@@ -183,14 +195,20 @@ def ablation_section(cells: Sequence[Cell], out_dir: Path) -> list[Section]:
     cells = [c for c in cells if c.get("data") is not None]
     groups = _ablation_groups(cells)
     datasets = distinct(cells, "data")
-    # Every combination of the paper's two values per component (and any other value seen), present or not.
-    seen = {k: [v for v in distinct(cells, k) if v is not None and v not in COMPONENT_VALUES[k]] for k in COMPONENTS}
-    values = [[*COMPONENT_VALUES[k], *seen[k]] for k in COMPONENTS]
+    # Every combination of the paper's two values per component (and any other value seen), present or not; a
+    # component none of whose paper values was run (a ViT's GELU) takes the values seen only.
+    values = []
+    for k in COMPONENTS:
+        seen = [v for v in distinct(cells, k) if v is not None]
+        paper = COMPONENT_VALUES[k] if set(seen) & set(COMPONENT_VALUES[k]) else ()
+        values.append([*paper, *(v for v in seen if v not in paper)])
     combos = list(itertools.product(*values))
+    full = (values[0][0], *FULL_LQF[1:])  # Leaky-ReLU where it was run, else the network's own activation
+    swaps = removals(full)
     multi = len(groups) > 1
     rows, csv_rows, rel_rows, rel_csv, boxes = [], [], [], [], {}
     for base, group in groups.items():
-        parts = _ablation_rows(base, group, datasets, combos, [base] if multi else [])
+        parts = _ablation_rows(base, group, datasets, combos, full, [base] if multi else [])
         rows += parts[0]
         csv_rows += parts[1]
         rel_rows += parts[2]
@@ -200,12 +218,12 @@ def ablation_section(cells: Sequence[Cell], out_dir: Path) -> list[Section]:
     header = [*method_col, *COMPONENTS, "removed vs full LQF", *datasets]
     table = Table("ablation", "Ablation: test error (%) per component combination", header, rows, csv_rows)
     caption = "Relative error increase of removing one component from full LQF (%)"
-    rel_table = Table("ablation_relative", caption, [*method_col, "data set", *REMOVALS], rel_rows, rel_csv)
+    rel_table = Table("ablation_relative", caption, [*method_col, "data set", *swaps], rel_rows, rel_csv)
     title = "Ablation: removing one component from full LQF"
     plot = box_plot(out_dir / "ablation.png", boxes, title, "relative test error increase (%)")
     notes = [
         SELECTION_NOTE,
-        "Full LQF = Leaky-ReLU + MSE + K-FAC. Relative increase = (err_ablated − err_full)/err_full in %, per data "
+        f"Full LQF = {' + '.join(full)}. Relative increase = (err_ablated − err_full)/err_full in %, per data "
         "set, and its median over data sets (n = data sets with both values). Positive: the component helps.",
     ]
     return [Section("Ablation (Fig. 2)", notes, [table, rel_table], [plot.name])]
