@@ -54,12 +54,27 @@ def increments(labels: np.ndarray, steps: int, seed: int) -> list[list[int]]:
     return [sorted(part) for part in parts]
 
 
+def _float64(cfg: DictConfig) -> bool:
+    """``trainer.precision=64-true``: data and module in float64 from the start, as :func:`lqf_exp.pipeline.run` makes
+    them (Lightning casts only the training batches, after the module's setup hook has fitted its head)."""
+    return str(cfg.trainer.get("precision")).startswith("64")
+
+
+def _data(cfg: DictConfig, **kwargs: Any) -> ClassificationDataModule:
+    return build(cfg.data, **kwargs, **({"dtype": "float64"} if _float64(cfg) else {}))
+
+
+def _module(cfg: DictConfig, datamodule: ClassificationDataModule) -> ClassifierModule:
+    module = build_module(cfg, datamodule)
+    return module.double() if _float64(cfg) else module
+
+
 def _data_upto(cfg: DictConfig, out: Path, parts: list[list[int]], t: int, size: int) -> ClassificationDataModule:
     seen = {i for part in parts[:t] for i in part}
     drop = out / "online" / f"unseen-step{t}.txt"
     drop.parent.mkdir(parents=True, exist_ok=True)
     drop.write_text("".join(f"{i}\n" for i in range(size) if i not in seen))
-    datamodule: ClassificationDataModule = build(cfg.data, drop=str(drop) if len(seen) < size else None)
+    datamodule = _data(cfg, drop=str(drop) if len(seen) < size else None)
     datamodule.setup("fit")
     return datamodule
 
@@ -113,7 +128,7 @@ def _write(out: Path, rows: list[dict[str, Any]], title: str) -> None:
 def run_online(cfg: DictConfig, output_dir: Path, factors: dict[str, Any], loggers: list) -> dict[str, Any]:
     """The on-line protocol of ``cfg`` (``task=online``); returns (and writes) ``metrics.json``'s payload."""
     started = time.time()
-    full = build(cfg.data)
+    full = _data(cfg)
     full.setup("fit")
     labels = np.array([int(full.train_dataset[i][1]) for i in range(len(full.train_dataset))])
     parts = increments(labels, int(cfg.task.steps), int(cfg.seed))
@@ -123,7 +138,7 @@ def run_online(cfg: DictConfig, output_dir: Path, factors: dict[str, Any], logge
     if state_path.is_file() and cfg.get("resume", True):
         state = torch.load(state_path, map_location="cpu", weights_only=True)
         rows = list(state["rows"])
-        previous = build_module(cfg, full)
+        previous = _module(cfg, full)
         previous.load_state_dict(state["incremental"], strict=False)
         log.info("online: resuming after step %d", rows[-1]["step"])
     title = f"On-line learning, {full.name}, {factors.get('recipe') or factors.get('method')}"
@@ -131,13 +146,13 @@ def run_online(cfg: DictConfig, output_dir: Path, factors: dict[str, Any], logge
         datamodule = _data_upto(cfg, output_dir, parts, t, len(labels))
         samples = len(datamodule.train_dataset)  # type: ignore[arg-type]
         pl.seed_everything(int(cfg.seed) + t, workers=True)
-        incremental = build_module(cfg, datamodule)
+        incremental = _module(cfg, datamodule)
         if previous is not None:
             _warm_start(incremental, previous)
         step_rows = [{"step": t, "samples": samples, "mode": "incremental",
                       **_fit(cfg, incremental, datamodule, output_dir)}]
         pl.seed_everything(int(cfg.seed) + t, workers=True)
-        paragon = build_module(cfg, datamodule)
+        paragon = _module(cfg, datamodule)
         step_rows.append({"step": t, "samples": samples, "mode": "paragon",
                           **_fit(cfg, paragon, datamodule, output_dir)})
         rows += step_rows
