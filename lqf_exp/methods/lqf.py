@@ -215,8 +215,26 @@ class LQF(ClassifierModule):
 
     # -- head initialization, before any callback's on_fit_start ------------------------------------------------
     def setup(self, stage: str) -> None:
+        self._check_precision()
         if stage == "fit" and not bool(self.head_ready):
             self.initialize_head()
+
+    def _check_precision(self) -> None:
+        """Refuse autocast (``trainer.precision=bf16-mixed``/``16-mixed``) before any solve when ``J·δ`` runs through
+        forward-mode AD, which does not run under autocast (e.g. ``method.tangent=autodiff``, or ``auto`` on a network
+        with a module the fused rules do not know): otherwise the whole solve runs in float32 and the first
+        validation batch fails."""
+        precision = str(self.trainer.precision) if self._trainer is not None else ""
+        if not precision.endswith("-mixed") or self.linearized.dual is not None:
+            return
+        why = ("method.tangent=autodiff was requested" if self.linearized.tangent == "autodiff" else
+               f"method.tangent={self.linearized.tangent} found no fused rule for a module of the linearized blocks "
+               "(the log says which)")
+        raise ValueError(
+            f"trainer.precision={precision} needs the fused tangent path (mixed-precision rules), but J·δ runs "
+            f"through forward-mode AD here, which does not run under autocast: {why}. Valid: trainer.precision=32-true "
+            "or 64-true with any tangent, or a mixed precision with method.tangent=fused/auto on networks whose "
+            "linearized modules all have fused rules")
 
     def initialize_head(self, loader: DataLoader | None = None) -> None:
         """Fit (``probe``) or draw (``random``) the base head at w0; δ is zero, so f_lin stays f(x; w0)."""
