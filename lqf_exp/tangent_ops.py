@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["UNFOLD_MAX_POSITIONS", "DualConvFunction", "DualLeaf", "DualLinearFunction", "UnsupportedModuleError",
-           "autocast_inputs", "halves"]
+__all__ = ["UNFOLD_MAX_POSITIONS", "DualConvFunction", "DualLeaf", "DualLinearFunction", "LayerNormTangentFunction",
+           "UnsupportedModuleError", "autocast_inputs", "halves"]
 
 # On CPU, oneDNN's weight gradient is slow when a convolution has few output positions per sample (ResNet's last
 # stages at small resolution: 7× a forward at 1×1, 2.6× at 2×2, on the 2-core box); there an unfold and one matrix
@@ -135,38 +135,81 @@ class DualConvFunction(torch.autograd.Function):
 
 
 class DualLinearFunction(torch.autograd.Function):
-    """The ``Linear`` counterpart of :class:`DualConvFunction` (inputs ``[..., in]``)."""
+    """The ``Linear`` counterpart of :class:`DualConvFunction` (inputs ``[..., in]``), written as matrix products into
+    the halves of one output: ``p·W0ᵀ + b0`` and ``t·W0ᵀ + p·δWᵀ + δb`` (BLAS accumulates the bias and the δ term,
+    so no tensor is added or concatenated afterwards; in a ViT every matrix product of the step is one of these)."""
 
     @staticmethod
     def forward(ctx, z: Tensor, dw: Tensor | None, db: Tensor | None, w0: Tensor, b0: Tensor | None,  # type: ignore[override]
                 dual: bool) -> Tensor:
         batch = z.shape[0] // 2 if dual else z.shape[0]
         primal = z[:batch]
-        if dual:
-            out = F.linear(z, w0)
-            if dw is not None:
-                out[batch:] += F.linear(primal, dw, db)
-        else:
-            p_out = F.linear(primal, w0)
-            out = torch.cat([p_out, F.linear(primal, dw, db) if dw is not None else _zeros_like(p_out)])
-        if b0 is not None:
-            out[:batch] += b0
+        p2 = primal.reshape(-1, z.shape[-1])
+        out = z.new_empty(2 * batch, *z.shape[1:-1], w0.shape[0])
+        o_p, o_t = out.view(2, -1, w0.shape[0]).unbind(0)
+        with torch.autocast(z.device.type, enabled=False):  # the inputs share one dtype (autocast_inputs); out=
+            _product(o_p, p2, w0, b0)
+            if dual:
+                _product(o_t, z[batch:].reshape(-1, z.shape[-1]), w0, db)
+                if dw is not None:
+                    o_t.addmm_(p2, dw.t())
+            elif dw is not None:
+                _product(o_t, p2, dw, db)
+            else:
+                o_t.zero_()
         ctx.dual, ctx.batch, ctx.has_db = dual, batch, db is not None
-        ctx.save_for_backward(primal.clone() if dual else primal, w0, dw)  # as in DualConvFunction
+        # The primal half as a view, not a copy as in DualConvFunction: in a ViT q, k and v read the same input, and
+        # keeping that stacked input once costs less memory and time than three copies of its primal half.
+        ctx.save_for_backward(primal, w0, dw)
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple:  # type: ignore[override]
         primal, w0, dw = ctx.saved_tensors
-        g_t = grad[ctx.batch :]
+        g2 = grad[ctx.batch :].reshape(-1, grad.shape[-1])
         grad_z = grad_dw = grad_db = None
         if ctx.dual and ctx.needs_input_grad[0]:
-            g_in = g_t @ w0.to(g_t.dtype)
-            grad_z = torch.cat([_zeros_like(g_in), g_in])
+            grad_z = g2.new_empty(2 * ctx.batch, *primal.shape[1:])
+            g_p, g_t = grad_z.view(2, -1, primal.shape[-1]).unbind(0)
+            g_p.zero_()
+            torch.mm(g2, w0.to(g2.dtype), out=g_t)
         if dw is not None:
-            g2, p2 = g_t.reshape(-1, g_t.shape[-1]), primal.reshape(-1, primal.shape[-1])
+            p2 = primal.reshape(-1, primal.shape[-1])
             if ctx.needs_input_grad[1]:
                 grad_dw = (g2.t() @ p2.to(g2.dtype)).to(dw.dtype)
             if ctx.has_db and ctx.needs_input_grad[2]:
                 grad_db = g2.sum(0).to(dw.dtype)
         return grad_z, grad_dw, grad_db, None, None, None
+
+
+def _product(out: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
+    """``out = x·weightᵀ (+ bias)``, written in place."""
+    if bias is None:
+        torch.mm(x, weight.t(), out=out)
+    else:
+        torch.addmm(bias, x, weight.t(), out=out)
+
+
+class LayerNormTangentFunction(torch.autograd.Function):
+    """LayerNorm's input tangent ``γ⊙P(t)``, ``P(t) = (t − mean t − x̂·mean(x̂ t))/σ`` at the primal ``x``.
+
+    ``P`` is symmetric, and LayerNorm's own backward kernel computes ``P(γ⊙g)``: so the forward is that kernel
+    without γ, times γ, and the backward (the adjoint) is that kernel with γ; two fused kernels instead of about ten
+    element-wise operations and their backward. ``primal``, ``mean``, ``rstd``: what ``native_layer_norm`` returned
+    for the primal (no gradient flows to them)."""
+
+    @staticmethod
+    def forward(ctx, tangent: Tensor, primal: Tensor, mean: Tensor, rstd: Tensor,  # type: ignore[override]
+                weight: Tensor | None, shape: list[int]) -> Tensor:
+        ctx.shape = shape
+        ctx.save_for_backward(primal, mean, rstd, weight)
+        out = torch.ops.aten.native_layer_norm_backward(tangent, primal, shape, mean, rstd, None, None,
+                                                        [True, False, False])[0]
+        return out if weight is None else out.mul_(weight)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple:  # type: ignore[override]
+        primal, mean, rstd, weight = ctx.saved_tensors
+        grad_t = torch.ops.aten.native_layer_norm_backward(grad.contiguous(), primal, ctx.shape, mean, rstd, weight,
+                                                           None, [True, False, False])[0]
+        return grad_t, None, None, None, None, None

@@ -31,7 +31,7 @@ from torchvision.models.vision_transformer import VisionTransformer as Torchvisi
 
 from lqf_exp.models.explicit_attention import ExplicitSelfAttention
 from lqf_exp.models.vit import Attention, PatchEmbedding
-from lqf_exp.tangent_ops import DualLeaf, UnsupportedModuleError, halves
+from lqf_exp.tangent_ops import DualLeaf, LayerNormTangentFunction, UnsupportedModuleError, halves
 
 __all__ = ["SMOOTH_ACTIVATIONS", "DualAttention", "DualContainer", "DualExplicitSelfAttention", "DualLayerNorm",
            "DualPatchEmbedding", "DualSmoothActivation", "DualTorchvisionEncoder", "DualTorchvisionViT",
@@ -55,16 +55,15 @@ class DualLayerNorm(DualLeaf):
         primal = primal.detach()  # the primal carries no gradient to δ
         if torch.is_autocast_enabled(z.device.type):
             primal, tangent = primal.float(), tangent.float()  # normalize in float32, as CUDA autocast does
-        dims = tuple(range(-len(ln.normalized_shape), 0))
-        normalized, _, rstd = torch.ops.aten.native_layer_norm(primal, ln.normalized_shape, None, None, ln.eps)
-        centered = tangent - tangent.mean(dims, keepdim=True)
-        t_out = (centered - normalized * (normalized * centered).mean(dims, keepdim=True)) * rstd
-        p_out = normalized
-        if ln.weight is not None:
-            p_out, t_out = p_out * ln.weight, t_out * ln.weight
-        if ln.bias is not None:
-            p_out = p_out + ln.bias
+        shape = list(ln.normalized_shape)
         d_gamma, d_beta = self.delta("weight"), self.delta("bias")
+        if d_gamma is None:  # x̂ itself is not needed: the primal's affine map in the same kernel
+            p_out, mean, rstd = torch.ops.aten.native_layer_norm(primal, shape, ln.weight, ln.bias, ln.eps)
+        else:
+            normalized, mean, rstd = torch.ops.aten.native_layer_norm(primal, shape, None, None, ln.eps)
+            p_out = normalized if ln.weight is None else normalized * ln.weight
+            p_out = p_out if ln.bias is None else p_out + ln.bias
+        t_out = LayerNormTangentFunction.apply(tangent.contiguous(), primal, mean, rstd, ln.weight, shape)
         if d_gamma is not None:
             t_out = t_out + normalized * d_gamma
         if d_beta is not None:
@@ -134,14 +133,17 @@ class DualAttention(DualContainer):
     def attend(self, z: Tensor) -> Tensor:
         (q, dq), (k, dk), (v, dv) = self._heads(self.q(z)), self._heads(self.k(z)), self._heads(self.v(z))
         scale = self.scale if self.scale is not None else q.shape[-1] ** -0.5
-        weights = torch.softmax((q @ k.transpose(-2, -1)) * scale, dim=-1)
-        # q̇kᵀ + qk̇ᵀ and ȧv + av̇ as one product each, over the concatenated inner dimension
-        d_scores = (torch.cat([dq, q], -1) @ torch.cat([k, dk], -1).transpose(-2, -1)) * scale
-        d_weights = weights * (d_scores - (weights * d_scores).sum(-1, keepdim=True))
-        context = weights @ v
-        d_context = torch.cat([d_weights, weights.to(d_weights.dtype)], -1) @ torch.cat([v, dv], -2)
-        mixed = torch.cat([context, d_context.to(context.dtype)]).transpose(1, 2)
-        return self.out(mixed.reshape(z.shape[0], z.shape[1], -1))
+        q, dq = q * scale, dq * scale  # scaled on [B, h, N, d] rather than on the [B, h, N, N] scores
+        weights = torch.softmax(q @ k.transpose(-2, -1), dim=-1)
+        d_scores = (dq @ k.transpose(-2, -1)).add_(q @ dk.transpose(-2, -1))
+        # softmax's Jacobian a⊙(ṡ − Σ a⊙ṡ) is symmetric: its backward kernel is its forward tangent, and its adjoint
+        d_weights = torch.ops.aten._softmax_backward_data(d_scores, weights, -1, weights.dtype)
+        context, d_context = weights @ v, (d_weights @ v).add_(weights.to(dv.dtype) @ dv)
+        batch, heads, tokens, width = context.shape
+        mixed = d_context.new_empty(2, batch, tokens, heads, width)  # [2, B, N, h, d]: one copy, no cat
+        mixed[0].copy_(context.transpose(1, 2))
+        mixed[1].copy_(d_context.transpose(1, 2))
+        return self.out(mixed.view(2 * batch, tokens, heads * width))
 
     def forward(self, z: Tensor) -> Tensor:
         return self.attend(z)
