@@ -16,6 +16,7 @@ from lqf_exp.head_init import init_head
 from lqf_exp.methods.probe import head_of
 from lqf_exp.models import build_network, head_name, make_activation, save_network_checkpoint
 from lqf_exp.models.vit import Attention, VisionTransformer, vit_tiny
+from lqf_exp.models.weights import packaged_checkpoint_path
 
 
 def small_vit(**kw: int | float) -> VisionTransformer:
@@ -152,7 +153,19 @@ def test_model_config_selects_gelu(make_cfg: Callable[..., DictConfig]) -> None:
     assert make_cfg(["model=vit_tiny", "activation=relu"]).activation.name == "relu"
     assert make_cfg([]).activation.name == "leaky_relu"  # the ResNet default is untouched
     cfg = make_cfg(["model=vit_tiny"])
-    assert cfg.model.arch == "vit_tiny" and cfg.model.weights is None
+    assert cfg.model.arch == "vit_tiny" and cfg.model.weights == "packaged"
+
+
+def test_packaged_checkpoint_is_the_source_network() -> None:
+    """The shipped vit_tiny loads into the network the config builds, records GELU and its source accuracy, and
+    classifies its source task's classes (5 outputs) with the weights it was saved with."""
+    path = packaged_checkpoint_path("vit_tiny", "gelu")
+    saved = torch.load(path, weights_only=True)
+    assert saved["arch"] == "vit_tiny" and saved["activation"] == "gelu"
+    assert saved["meta"]["data"] == "fmnist_source" and saved["meta"]["test_acc"] >= 0.90
+    net = build_network("vit_tiny", 5, "gelu", weights="packaged", native_activation="gelu")
+    for name, tensor in net.state_dict().items():
+        torch.testing.assert_close(tensor, saved["state_dict"][name], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(("model", "baseline", "lqf"), [("small_resnet", "relu", "leaky_relu"),
