@@ -17,7 +17,7 @@ from lqf_exp.precond import KFACOperator
 from lqf_exp.precond.operator import operator_options
 from lqf_exp.results import FINAL_CHECKPOINT, read_metrics
 
-__all__ = ["FinishedRun", "load_finished_run"]
+__all__ = ["FinishedRun", "load_final_checkpoint", "load_finished_run"]
 
 CONFIG_FILE = "config_resolved.yaml"
 KFAC_STATE_PREFIX = "KFACPreconditioner"
@@ -59,6 +59,12 @@ def _load_checkpoint(path: Path) -> dict[str, Any]:
         raise ValueError(f"cannot load checkpoint {path}: {error}") from error
 
 
+def load_final_checkpoint(run: FinishedRun) -> dict[str, Any]:
+    """The raw final checkpoint of a loaded run (``torch.load(weights_only=True)``), for tools that write an edited
+    copy of it (forgetting)."""
+    return _load_checkpoint(_checkpoint_path(run.run_dir, run.metrics))
+
+
 def _kfac_operator(cfg: DictConfig, module: LQF, checkpoint: dict[str, Any]) -> KFACOperator | None:
     callback = cfg.precond.get("callback")
     if not callback:
@@ -73,8 +79,12 @@ def _kfac_operator(cfg: DictConfig, module: LQF, checkpoint: dict[str, Any]) -> 
     return operator
 
 
-def load_finished_run(run_dir: str | Path) -> FinishedRun:
-    """Rebuild the finished LQF run in ``run_dir``; a clear error if it is not one (or cannot give influence)."""
+def load_finished_run(run_dir: str | Path, native_precision: bool = False) -> FinishedRun:
+    """Rebuild the finished LQF run in ``run_dir``; a clear error if it is not one (or cannot give influence).
+
+    ``native_precision``: a run solved in float64 (``trainer.precision=64-true``) is rebuilt in float64, data and
+    module, before its checkpoint loads (by default it is rebuilt in float32, which rounds its δ): what a consumer
+    that compares solutions to 1e-6 (forgetting) needs."""
     run_dir = Path(run_dir)
     metrics = read_metrics(run_dir)
     if metrics is None:
@@ -90,10 +100,13 @@ def load_finished_run(run_dir: str | Path) -> FinishedRun:
     if limit not in (None, 1.0):
         raise ValueError(f"influence needs a run solved on its whole training set; {run_dir} used "
                          f"trainer.limit_train_batches={limit}")
-    datamodule: ClassificationDataModule = build(cfg.data)
+    float64 = native_precision and str(cfg.trainer.get("precision")).startswith("64")
+    datamodule: ClassificationDataModule = build(cfg.data, **({"dtype": "float64"} if float64 else {}))
     datamodule.setup("fit")
     module = build_module(cfg, datamodule)
     assert isinstance(module, LQF)
+    if float64:
+        module.double()
     if not module.loss_fn.constant_curvature:
         raise ValueError(f"influence needs the quadratic objective (loss=mse); {run_dir} used "
                          f"loss={module.loss_fn.kind}")

@@ -103,6 +103,12 @@ class DualSystem:
             u = torch.cholesky_solve(self.residual[:, None], factor)[:, 0]
         return self.rows.T @ u, u
 
+    def gradient(self, weight_decay: float, delta: Tensor) -> Tensor:
+        """``∇L(δ) = (2/N) Jᵀ(Jδ − r) + λδ`` (float64, ``[P]``) of the mean-form objective from the stored rows: the
+        certificate of a solution, with no network pass."""
+        delta = delta.to(self.rows)
+        return (2.0 / self.N) * (self.rows.T @ (self.rows @ delta - self.residual)) + float(weight_decay) * delta
+
     def objective(self, weight_decay: float, u: Tensor) -> float:
         """``L(δ*)`` from the dual coefficients: the residual at the optimum is ``μu``, ``‖δ*‖² = uᵀKu``."""
         mu = self.ridge(weight_decay)
