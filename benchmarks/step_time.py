@@ -6,6 +6,9 @@ Example::
     python benchmarks/step_time.py --threads 1 --linearize all layer4 --no-unfold
     python benchmarks/step_time.py --threads 1 --linearize all --tangent fused --precision bf16-mixed
     python benchmarks/step_time.py --model resnet50 --image-size 224 --batch 64 --device cuda --channels-last --compile
+    python benchmarks/step_time.py --model vit_tiny --linearize all attention --no-memory
+    python benchmarks/step_time.py --model vit_b_16 --image-size 224 --batch 4 --linearize all attention --steps 5 \
+        --warmup 1 --no-memory
 
 One LQF variant per (``--linearize``, ``--tangent``) pair, named ``lqf[all,fused]``, ``lqf[layer4,autodiff]``...
 ``--precision``, ``--channels-last`` and ``--compile`` apply to every method, fine-tuning included; ``--no-unfold``
@@ -106,7 +109,8 @@ def method_names(args: argparse.Namespace, announce: bool = True) -> list[str]:
             if tan == "autodiff" and args.precision != "32":
                 if announce:
                     print(f"note: {lqf_name(lin, tan)} skipped: tangent=autodiff raises under autocast "
-                          f"(--precision {args.precision}; PyTorch forward-mode AD mixes dtypes at eval BatchNorm)")
+                          f"(--precision {args.precision}; PyTorch forward-mode AD mixes dtypes at eval BatchNorm); "
+                          "the fused path runs mixed precision, ViTs included")
                 continue
             names.append(lqf_name(lin, tan))
     return names
