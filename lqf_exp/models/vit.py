@@ -81,7 +81,8 @@ class PatchEmbedding(nn.Module):
     """Patches by a ``Conv2d(kernel=stride=patch)``, a class token in front, plus a learned position embedding.
 
     The class token and position embedding are parameters of this module itself (not of a Linear/Conv child):
-    LQF's fused tangent path does not know such a module and falls back to forward-mode AD, which handles it.
+    LQF's fused tangent path has a dual module for it (``lqf_exp.tangent_vit.DualPatchEmbedding``: their tangent is
+    their δ, or zero when frozen).
     Holding them here rather than on the network keeps every parameter inside a top-level child, so the block
     names (``embed``, ``block1``…, ``norm``, ``head``) cover all weights for ``method.linearize=<block>``.
     """
