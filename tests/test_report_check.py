@@ -1,0 +1,173 @@
+"""The results checker on a copy of the committed docs/results, clean and perturbed one change at a time."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import pytest
+
+from lqf_exp.report.check import Options, check, column_class, main
+
+RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results"
+
+
+@pytest.fixture
+def copies(tmp_path: Path) -> tuple[Path, Path]:
+    """(regenerated, committed): two copies of the committed CSVs, so the tests never touch docs/results."""
+    if not any(RESULTS.rglob("*.csv")):
+        pytest.skip("no committed results")
+    pair = []
+    for side in ("regenerated", "committed"):
+        shutil.copytree(RESULTS, tmp_path / side, ignore=lambda _d, names: [n for n in names if n.endswith(".png")])
+        pair.append(tmp_path / side)
+    return pair[0], pair[1]
+
+
+def find(root: Path, column: str) -> tuple[Path, int, dict[str, str]]:
+    """The first CSV under ``root`` (sorted) with a non-empty, numeric value in ``column``: (path, row index, row)."""
+    for path in sorted(root.rglob("*.csv")):
+        with path.open(newline="") as handle:
+            for i, row in enumerate(csv.DictReader(handle)):
+                try:
+                    float(row.get(column) or "")
+                except ValueError:
+                    continue
+                return path, i, row
+    pytest.skip(f"no committed CSV has a value in {column}")
+
+
+def edit(path: Path, index: int, column: str | None, value: str | None = None) -> None:
+    """Set ``column`` of row ``index`` to ``value``; with ``column`` None, drop that row."""
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        header, rows = list(reader.fieldnames or []), list(reader)
+    if column is None:
+        del rows[index]
+    else:
+        rows[index][column] = value or ""
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=header)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_a_copy_of_the_committed_results_checks_clean(copies: tuple[Path, Path], capsys) -> None:
+    regenerated, committed = copies
+    problems, compared = check(regenerated, committed)
+    assert problems == []
+    assert compared == len(list(RESULTS.rglob("*.csv")))
+    assert main([str(regenerated), str(committed)]) == 0
+    assert capsys.readouterr().out.startswith("OK:")
+
+
+@pytest.mark.parametrize(("shift", "fails"), [(0.2, True), (-0.2, True), (0.05, False), (0.099, False)])
+def test_a_test_error_moved_fails_beyond_the_tolerance(copies: tuple[Path, Path], shift: float, fails: bool) -> None:
+    regenerated, committed = copies
+    path, i, row = find(regenerated, "test_err_mean")
+    moved = str(float(row["test_err_mean"]) + shift)
+    edit(path, i, "test_err_mean", moved)
+    problems, _ = check(regenerated, committed)
+    if not fails:
+        assert problems == []
+        return
+    name = path.relative_to(regenerated).as_posix()
+    assert len(problems) == 1, problems
+    line = problems[0]
+    where = line.split("]")[0]
+    assert where.startswith(f"{name} [") and f"data={row['data']}" in where and f"method={row['method']}" in where
+    assert "] test_err_mean:" in line
+    assert f"committed {row['test_err_mean']} vs regenerated {moved}" in line and "> 0.1 (percent)" in line
+    # A looser tolerance lets it through.
+    assert check(regenerated, committed, Options(tolerance=0.25))[0] == []
+
+
+def test_a_dropped_row_and_a_missing_csv_fail(copies: tuple[Path, Path], capsys) -> None:
+    regenerated, committed = copies
+    path, i, row = find(regenerated, "test_err_mean")
+    edit(path, i, None)
+    gone = next(p for p in sorted(regenerated.rglob("*.csv")) if p != path)
+    gone.unlink()
+    (regenerated / "extra.csv").write_text("data,test_err\ndigits,1.0\n")
+    problems, _ = check(regenerated, committed)
+    name = path.relative_to(regenerated).as_posix()
+    assert any(p.startswith(f"{name} [") and f"data={row['data']}" in p and f"method={row['method']}" in p
+               and p.endswith("]: row missing in regenerated") for p in problems)  # fmt: skip
+    assert f"{gone.relative_to(regenerated).as_posix()}: CSV missing in regenerated" in problems
+    assert "extra.csv: CSV not in committed" in problems
+    assert main([str(regenerated), str(committed)]) == 1
+    out = capsys.readouterr()
+    assert "row missing in regenerated" in out.out and out.err.startswith("FAIL: 3 difference(s)")
+
+
+def test_a_deterministic_count_must_be_equal(copies: tuple[Path, Path]) -> None:
+    regenerated, committed = copies
+    path, i, row = find(regenerated, "n_failed")
+    edit(path, i, "n_failed", str(int(row["n_failed"]) + 1))
+    problems, _ = check(regenerated, committed)
+    assert len(problems) == 1 and " n_failed: committed " in problems[0]
+    assert problems[0].endswith("must be equal (count)")
+    # No tolerance loosens a count.
+    assert check(regenerated, committed, Options(tolerance=100, steps_tolerance=1, rel_tolerance=1))[0] == problems
+
+
+def test_timings_notes_and_images_are_not_compared(copies: tuple[Path, Path]) -> None:
+    regenerated, committed = copies
+    path, i, row = find(regenerated, "duration_s")
+    edit(path, i, "duration_s", str(float(row["duration_s"]) * 10 + 1))
+    path, i, _ = find(regenerated, "n_failed")
+    edit(path, i, "note", "a different note")
+    (regenerated / "figure.png").write_bytes(b"not the committed figure")
+    assert check(regenerated, committed)[0] == []
+    assert [column_class(c) for c in ("duration_s", "seconds", "wall_s", "note", "error")] == [
+        "timing", "timing", "timing", "text", "text"]  # fmt: skip
+
+
+def test_steps_within_their_relative_tolerance(copies: tuple[Path, Path]) -> None:
+    regenerated, committed = copies
+    path, i, row = find(regenerated, "steps_median")
+    steps = float(row["steps_median"])
+    edit(path, i, "steps_median", str(steps * 1.05 + 0.01))
+    assert check(regenerated, committed)[0] == []
+    assert len(check(regenerated, committed, Options(steps_tolerance=0))[0]) == 1
+    edit(path, i, "steps_median", str(steps * 1.5 + 1))
+    assert "steps_median" in check(regenerated, committed)[0][0]
+
+
+def test_relative_increase_and_std_follow_from_the_tolerance(tmp_path: Path) -> None:
+    """rel = 100·(e − r)/r with e, r within 0.1 pt each may move by 100·0.1·(r+e)/(r·(r−0.1)); a median row by the
+    file's largest such bound; a std over n seeds by 0.1·√(n/(n−1))."""
+    old, new = tmp_path / "committed", tmp_path / "regenerated"
+    header = "data,method,reference,test_err,reference_test_err,rel_increase_pct\n"
+    # r = 5, e = 6: rel = 20%, bound = 10·11/(5·4.9) = 4.49 pt.
+    for root, rel, median in ((old, 20.0, 20.0), (new, 24.4, 24.4)):
+        root.mkdir()
+        (root / "rel.csv").write_text(header + f"digits,lqf,nlft,6.0,5.0,{rel}\nmedian,lqf,nlft,,,{median}\n")
+        (root / "t.csv").write_text("data,method,test_err_mean,test_err_std,n\ndigits,lqf,6.0,0.5,3\n")
+    assert check(new, old)[0] == []
+    (new / "rel.csv").write_text(header + "digits,lqf,nlft,6.0,5.0,24.6\nmedian,lqf,nlft,,,24.6\n")
+    (new / "t.csv").write_text("data,method,test_err_mean,test_err_std,n\ndigits,lqf,6.0,0.63,3\n")
+    problems = check(new, old)[0]
+    assert [p.split("]")[0] for p in problems] == [
+        "rel.csv [data=digits, method=lqf, reference=nlft", "rel.csv [data=median, method=lqf, reference=nlft",
+        "t.csv [data=digits, method=lqf"]  # fmt: skip
+    assert "test_err_std" in problems[2] and "> 0.1225 (spread)" in problems[2]
+
+
+def test_rows_keyed_by_grid_factors_when_the_names_do_not_suffice(tmp_path: Path) -> None:
+    old, new = tmp_path / "committed", tmp_path / "regenerated"
+    rows = "data,method,lr,batch_size,test_err_mean\nd,nlft,0.1,16,5.0\nd,nlft,0.1,64,6.0\nd,nlft,0.01,16,7.0\n"
+    for root in (old, new):
+        root.mkdir()
+        (root / "grid.csv").write_text(rows)
+    # Reordered rows and 0.01 written as 1e-2 still match their committed rows.
+    (new / "grid.csv").write_text("data,method,lr,batch_size,test_err_mean\nd,nlft,1e-2,16,7.0\nd,nlft,0.1,64,6.0\n"
+                                  "d,nlft,0.1,16,5.0\n")  # fmt: skip
+    assert check(new, old)[0] == []
+    (new / "grid.csv").write_text("data,method,lr,batch_size,test_err_mean\nd,nlft,0.1,16,5.0\nd,nlft,0.1,64,6.5\n")
+    assert sorted(check(new, old)[0]) == [
+        "grid.csv [data=d, method=nlft, lr=0.01, batch_size=16]: row missing in regenerated",
+        "grid.csv [data=d, method=nlft, lr=0.1, batch_size=64] test_err_mean: committed 6.0 vs regenerated 6.5: "
+        "|Δ| 0.5 > 0.1 (percent)",
+    ]
