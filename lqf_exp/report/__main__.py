@@ -13,9 +13,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("sweep_dir", help="a sweep directory: one sub-directory (at any depth) per cell")
     parser.add_argument("--out", default=None, help="where to write the report (default: <sweep_dir>/report)")
     parser.add_argument("--kind", default="auto", choices=("auto", *KINDS), help="which tables (default: auto)")
+    parser.add_argument("--command", action="append", default=[], metavar="CMD",
+                        help="the command that ran the sweep, recorded in the report header (repeatable; default: "
+                        "what Hydra's multirun.yaml under the sweep directory kept)")
     args = parser.parse_args(argv)
     try:
-        path = write_report(args.sweep_dir, args.out, args.kind)
+        path = write_report(args.sweep_dir, args.out, args.kind, args.command)
     except FileNotFoundError as error:
         parser.error(str(error))
     print(path)

@@ -38,6 +38,7 @@ class Cell:
     epochs: int | None = None
     steps: int | None = None  # optimizer steps (LQF: solver steps; 0 for a closed-form fit)
     duration_s: float | None = None
+    device: str | None = None  # "cpu" or "cuda": where it ran (the report header counts them; not a CSV column)
 
     def get(self, key: str) -> Any:
         return self.factors.get(key)
@@ -156,11 +157,13 @@ def _read_cell(cell_dir: Path, sweep_dir: Path) -> Cell | None:
             epochs=payload.get("epochs"),
             steps=payload.get("steps"),
             duration_s=payload.get("duration_s"),
+            device=payload.get("device"),
         )
     if payload is not None and payload.get("status") == "diverged":
         factors = _with_bn(dict(payload.get("factors") or {}), cell_dir)
         return Cell(cell_dir, name, "diverged", factors, error=str(payload.get("error") or "diverged"),
-                    epochs=payload.get("epochs"), steps=payload.get("steps"), duration_s=payload.get("duration_s"))
+                    epochs=payload.get("epochs"), steps=payload.get("steps"), duration_s=payload.get("duration_s"),
+                    device=payload.get("device"))
     failure = _read_json(error_path) if error_path.is_file() else None
     if failure is not None:
         factors = _with_bn(dict(failure.get("factors") or {}) or factors_from_config(cell_dir), cell_dir)

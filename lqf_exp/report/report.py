@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import csv
 import os
+import shlex
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from lqf_exp.report.collect import FACTOR_KEYS, Cell, load_cells
 from lqf_exp.report.markdown import Section, md_cell, write_csv
+from lqf_exp.report.provenance import provenance_lines, shown_path, strip_paths, strip_row_paths
 from lqf_exp.report.stats import base_label, distinct
 from lqf_exp.report.sweeps import lowshot_section, robustness_section
 from lqf_exp.report.tables import COMPONENTS, ablation_section, table1_section
@@ -75,27 +77,20 @@ def _cell_summary(cell: Cell) -> str:
     return f"`{cell.name}` ({factors})"
 
 
-def _header(sweep_dir: Path, cells: Sequence[Cell], kinds: Sequence[str], kind: str) -> str:
+def _header(sweep_dir: Path, cells: Sequence[Cell], kinds: Sequence[str], kind: str, provenance: list[str]) -> str:
     counts = {s: sum(c.status == s for c in cells) for s in ("finished", "diverged", "failed", "missing")}
     why = "detected from the factors that vary" if kind == "auto" else "requested"
     lines = [
         f"# Sweep report: {sweep_dir.name}",
         "",
-        f"- Sweep directory: `{_shown_path(sweep_dir)}`",
+        *provenance,
+        f"- Sweep directory: `{shown_path(sweep_dir)}`",
         f"- Cells: {len(cells)} ({counts['finished']} finished, {counts['diverged']} diverged, {counts['failed']} "
         f"failed, {counts['missing']} missing/running); one row per cell in `cells.csv`.",
         f"- Tables ({why}): {', '.join(kinds)}.",
         "- Diverged, failed and missing cells are marked in every table they belong to and listed at the end.",
     ]
     return "\n".join(lines)
-
-
-def _shown_path(path: Path) -> str:
-    """``path`` relative to the working directory when it lies below it, else its name: reports travel."""
-    try:
-        return path.resolve().relative_to(Path.cwd().resolve()).as_posix()
-    except ValueError:
-        return path.name
 
 
 def _failures(cells: Sequence[Cell]) -> str:
@@ -117,25 +112,44 @@ def _failures(cells: Sequence[Cell]) -> str:
     return "\n\n".join(parts)
 
 
+def _report_command(sweep: Path, out_dir: str | os.PathLike[str] | None, kind: str) -> str:
+    """The command line that writes this report again (paths as :func:`shown_path` shows them)."""
+    args = [shown_path(sweep), *(["--out", shown_path(Path(out_dir))] if out_dir is not None else []),
+            *(["--kind", kind] if kind != "auto" else [])]  # fmt: skip
+    return " ".join(["python -m lqf_exp.report", *(shlex.quote(a) for a in args)])
+
+
 def write_report(sweep_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str] | None = None,
-                 kind: str = "auto") -> Path:  # fmt: skip
-    """Write ``report.md``, ``cells.csv`` and the tables (CSV) and plots (PNG) of ``kind``; return report.md."""
+                 kind: str = "auto", command: str | Sequence[str] | None = None) -> Path:  # fmt: skip
+    """Write ``report.md``, ``cells.csv`` and the tables (CSV) and plots (PNG) of ``kind``; return report.md.
+
+    The header records the code's commit, the sweep's ``command`` (the ones given, else those Hydra's multirun.yaml
+    kept), this report's command and the machine kind. Absolute paths are cut out of the Markdown and every CSV
+    (relative to the sweep where they lie below it): committed reports travel between machines.
+    """
     if kind != "auto" and kind not in KINDS:
         raise ValueError(f"unknown report kind {kind!r}; expected auto or one of {', '.join(KINDS)}")
     sweep = Path(sweep_dir).resolve()
     out = Path(out_dir) if out_dir is not None else sweep / "report"
     cells = load_cells(sweep)
+    for cell in cells:  # before any table shortens an error message and cuts a path in two
+        cell.error = strip_paths(cell.error, sweep) if cell.error else cell.error
+        cell.factors = strip_row_paths([cell.factors], sweep)[0]
     out.mkdir(parents=True, exist_ok=True)
-    write_csv(out / "cells.csv", cell_rows(cells))
+    write_csv(out / "cells.csv", strip_row_paths(cell_rows(cells), sweep))
     kinds = detect_kinds(cells) if kind == "auto" else [kind]
     sections = [section for k in kinds for section in BUILDERS[k](cells, out)]
     for table in (t for s in sections for t in s.tables):
+        if table.csv_rows is not None:
+            table.csv_rows = strip_row_paths(table.csv_rows, sweep)
         table.write_csv(out)
     if not cells:
-        sections.insert(0, Section("No cells", [f"No metrics.json, error.json or config under `{sweep}`."]))
-    text = "\n\n".join([_header(sweep, cells, kinds, kind), *(s.markdown() for s in sections), _failures(cells)])
+        sections.insert(0, Section("No cells", [f"No metrics.json, error.json or config under `{shown_path(sweep)}`."]))
+    commands = [command] if isinstance(command, str) else list(command or [])
+    provenance = provenance_lines(sweep, _report_command(sweep, out_dir, kind), commands, [c.device for c in cells])
+    parts = [_header(sweep, cells, kinds, kind, provenance), *(s.markdown() for s in sections), _failures(cells)]
     path = out / "report.md"
-    path.write_text(text + "\n")
+    path.write_text(strip_paths("\n\n".join(parts), sweep) + "\n")
     return path
 
 

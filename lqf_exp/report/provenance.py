@@ -1,0 +1,131 @@
+"""Where a report comes from: the commit of the code, the sweep's command, the machine kind; and no absolute paths.
+
+A committed report is read on other machines and against later code: it must say which code made it and how, and
+must not leak the directory layout (or user name) of the machine that wrote it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# The checkout this package was imported from (lqf_exp/report/provenance.py → the repository root).
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]
+# The commit that last touched the code, not the committed results a reproduction rewrites.
+GIT_LOG = ("git", "log", "-1", "--format=%H", "--", ".", ":!docs/results")
+# An absolute POSIX path of two or more components, not part of a relative path, a URL or a number ratio.
+_ABSOLUTE = re.compile(r"(?<![\w.~:/\-])/(?:[^\s/'\"`,;:()\[\]{}<>|*]+/)+[^\s/'\"`,;:()\[\]{}<>|*]*")
+
+
+def _git(root: Path, *args: str) -> str | None:
+    try:
+        done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=20, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def code_commit(root: Path = PACKAGE_ROOT) -> str:
+    """The commit of the code (``git log -1 -- . ':!docs/results'``), noting uncommitted changes to tracked code;
+    "unknown" when the package does not sit at the top of a git checkout (e.g. installed into site-packages)."""
+    top = _git(root, "rev-parse", "--show-toplevel")
+    if top is None or Path(top).resolve() != root.resolve():
+        return "unknown"
+    commit = _git(root, *GIT_LOG[1:])
+    if not commit:
+        return "unknown"
+    changed = _git(root, "status", "--porcelain", "--untracked-files=no", "--", ".", ":!docs/results")
+    dirty = len(changed.splitlines()) if changed else 0
+    return f"`{commit}`" + (f" with uncommitted changes to {dirty} tracked file(s)" if dirty else "")
+
+
+def machine_kind() -> str:
+    """E.g. "2-core CPU, no GPU": the kind of machine, never its name."""
+    cpus = f"{os.cpu_count() or '?'}-core CPU"
+    try:
+        import torch
+    except ImportError:
+        return f"{cpus}, GPU unknown (no torch)"
+    if not torch.cuda.is_available():
+        return f"{cpus}, no GPU"
+    count = torch.cuda.device_count()
+    return f"{cpus}, {count}× {torch.cuda.get_device_name(0)}"
+
+
+def sweep_commands(sweep: Path) -> list[str]:
+    """The multirun commands Hydra recorded under ``sweep`` (``multirun.yaml``: overrides and the script's name).
+
+    Hydra rewrites multirun.yaml on each ``-m`` into the same directory, so only the last one per directory is there;
+    scripts that run several should pass them all to the report (``--command``).
+    """
+    commands = []
+    for path in sorted(sweep.rglob("multirun.yaml")):
+        try:
+            hydra = (yaml.safe_load(path.read_text()) or {}).get("hydra") or {}
+        except (OSError, yaml.YAMLError, AttributeError):
+            continue
+        overrides = hydra.get("overrides") or {}
+        task = [str(o) for o in overrides.get("task") or []]
+        own = [str(o) for o in overrides.get("hydra") or [] if not str(o).startswith("hydra.mode=")]
+        script = f"{(hydra.get('job') or {}).get('name') or 'run'}.py"
+        commands.append(" ".join(["python", script, "-m", *(shlex.quote(o) for o in (*task, *own))]))
+    return commands
+
+
+def relative_to(path: Path, base: Path) -> str | None:
+    try:
+        return path.resolve().relative_to(base.resolve()).as_posix()
+    except ValueError:
+        return None
+
+
+def shown_path(path: Path) -> str:
+    """``path`` relative to the working directory when it lies below it, else its name: reports travel."""
+    return relative_to(path, Path.cwd()) or path.name
+
+
+def strip_paths(text: str, sweep: Path, root: Path = PACKAGE_ROOT) -> str:
+    """``text`` with paths below the sweep made relative to it, paths below the checkout relative to that, and any
+    other absolute path cut to ``…/<name>``."""
+    for base, bare in ((sweep.resolve(), sweep.name), (root.resolve(), ".")):
+        text = text.replace(f"{base}/", "")
+        # The directory itself, not a longer name that starts like it (/tmp/sweep2 is not /tmp/sweep).
+        text = re.sub(re.escape(str(base)) + r"(?![\w.\-])", lambda _m, shown=bare: shown, text)
+    return _ABSOLUTE.sub(lambda m: "…/" + (m.group(0).rstrip("/").rsplit("/", 1)[-1]), text)
+
+
+def strip_row_paths(rows: Iterable[dict[str, Any]], sweep: Path) -> list[dict[str, Any]]:
+    """CSV rows with :func:`strip_paths` applied to every string value."""
+    return [{k: strip_paths(v, sweep) if isinstance(v, str) else v for k, v in row.items()} for row in rows]
+
+
+def provenance_lines(sweep: Path, report_command: str, commands: Sequence[str] = (),
+                     devices: Sequence[str | None] = ()) -> list[str]:  # fmt: skip
+    """The Markdown bullets of the report header that say where it comes from."""
+    given = list(commands)
+    found = given or sweep_commands(sweep)
+    source = ("given to the report" if given else "from Hydra's multirun.yaml: the last multirun into each directory")
+    if not found:
+        lines = ["- Sweep command: unknown (no multirun.yaml under the sweep directory; scripts pass `--command`)."]
+    elif len(found) == 1:
+        lines = [f"- Sweep command ({source}): `{found[0]}`"]
+    else:
+        lines = [f"- Sweep commands ({source}):", *(f"  - `{c}`" for c in found)]
+    ran_on = sorted({d for d in devices if d})
+    counts = ", ".join(f"{d} ({sum(x == d for x in devices)})" for d in ran_on)
+    return [
+        # The cells record no commit of their own: a sweep reported later under newer code shows the newer commit.
+        f"- Code: commit {code_commit()} (`git log -1 -- . ':!docs/results'` of the package's checkout when this "
+        "report was written).",
+        *lines,
+        f"- Report command: `{report_command}`",
+        f"- Machine: {machine_kind()} (where this report was written)"
+        + (f"; the cells ran on: {counts}." if counts else "."),
+    ]
