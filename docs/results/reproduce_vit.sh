@@ -19,7 +19,7 @@ out=${1:-outputs/repro}/vit
 if $full; then digits_seeds=0,1,2; ablation_seeds=0,1,2; else digits_seeds=0; ablation_seeds=0; fi
 common="model=vit_tiny logger=csv launcher=joblib callbacks.progress_bar.refresh_rate=0"
 per_data='hydra.sweep.subdir=${data.name}/${hydra.job.override_dirname}'
-finetune="experiment=nlft,lpft method.bn=train optim.lr=0.05,0.01,0.001 optim.weight_decay=1e-4"
+finetune="experiment=nlft,lpft method.bn=choice(train) optim.lr=0.05,0.01,0.001 optim.weight_decay=1e-4"
 start=$(date +%s)
 lap() { echo "[reproduce_vit] $1 done at $(( $(date +%s) - start )) s"; }
 for data_seeds in "fashion_mnist_target 0,1,2" "digits $digits_seeds"; do
@@ -36,6 +36,6 @@ for data in fashion_mnist_target digits; do
     loss=mse precond=none $common hydra.sweep.dir=$out/ablation "$per_data"
   lap "ablation on $data"
 done
-python -m lqf_exp.report $out/table1 --out docs/results/vit_table1 --kind table1
-python -m lqf_exp.report $out --out docs/results/vit_ablation --kind ablation
+python -m lqf_exp.report $out/table1 --out docs/results/vit_table1 --kind table1 --command "bash docs/results/reproduce_vit.sh"
+python -m lqf_exp.report $out --out docs/results/vit_ablation --kind ablation --command "bash docs/results/reproduce_vit.sh"
 echo "reproduce_vit took $(( $(date +%s) - start )) s"
