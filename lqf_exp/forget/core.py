@@ -20,6 +20,7 @@ here. J, r are taken at the run's w0 (its head included) unless the head is refi
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ from lqf_exp.delta_layout import copy_flat_, flat_size, flatten
 from lqf_exp.solvers import ConjugateGradient, DualSystem, LQFObjective
 from lqf_exp.solvers.deflation import KrylovSpace, sketch_dominant_subspace
 from lqf_exp.solvers.objective import Vectors, norm
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Solution", "conjugate_gradient_from", "exact_solution", "gradient_norm"]
 
@@ -118,6 +121,8 @@ def conjugate_gradient_from(objective: LQFObjective, batches: Batches, start: Te
     with torch.no_grad():
         while not done() and cg.iterations < max_iter:
             cg.advance(objective.hvp(batches(), cg.direction()))
+            if cg.iterations % 100 == 0:
+                log.info("CG iteration %d: ‖∇L'‖/‖∇L'(start)‖ = %.2e", cg.iterations, cg.relative_residual)
     delta = start + flatten(cg.x).detach()
     copy_flat_(delta, objective.deltas)
     return Solution(delta, cg.iterations, done(), time.perf_counter() - started, sketched)
