@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from lqf_exp.delta_selection import select_deltas
 from lqf_exp.linearize import LinearizedNetwork
 
+from .helpers.finite_differences import central_difference
 from .helpers.transformer import ToyTransformer
 
 
@@ -59,22 +60,11 @@ def test_the_tangent_is_exact_against_finite_differences(linearize: str) -> None
     x = torch.randn(3, 5, 4, dtype=torch.float64)
     v = [torch.randn_like(d) for d in m.delta_list()]
     _, tangent = m.jvp(x, v)
-    params = dict(net.named_parameters())
-    step = 1e-6
-
-    def shifted(sign: float) -> Tensor:
-        with torch.no_grad():
-            for name, direction in zip(m.linearized_names, v, strict=True):
-                params[name].add_(sign * step * direction)
-            out = net(x)
-            for name, direction in zip(m.linearized_names, v, strict=True):
-                params[name].sub_(sign * step * direction)
-        return out
-
-    finite = (shifted(1.0) - shifted(-1.0)) / (2 * step)
+    finite = central_difference(net, x, m.linearized_names, v, step=1e-6)
     assert float((tangent - finite).abs().max()) <= 1e-8 * float(finite.abs().max())
     def network(*point: Tensor) -> Tensor:
         return torch.func.functional_call(net, dict(zip(m.linearized_names, point, strict=True)), (x,))
 
+    params = dict(net.named_parameters())
     reference = torch.func.jvp(network, tuple(params[n].detach() for n in m.linearized_names), tuple(v))[1]
     assert float((tangent - reference).abs().max()) <= 1e-10 * float(reference.abs().max())

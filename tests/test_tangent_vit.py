@@ -19,6 +19,8 @@ from lqf_exp.tangent import fused_supports
 from lqf_exp.tangent_ops import UnsupportedModuleError
 from lqf_exp.tangent_vit import DualAttention, DualExplicitSelfAttention, DualTorchvisionViT
 
+from .helpers.finite_differences import central_difference
+
 TOLERANCE = 1e-10
 
 
@@ -113,19 +115,7 @@ def test_fused_tangent_equals_finite_differences(make, linearize: str) -> None:
     net, x = fused.net, images(make)
     v = [torch.randn_like(d) for d in fused.delta_list()]
     _, tangent = fused.jvp(x, v)
-    params = dict(net.named_parameters())
-    h = 2e-5
-
-    def shifted(step: float) -> Tensor:
-        with torch.no_grad():
-            for name, direction in zip(fused.linearized_names, v, strict=True):
-                params[name].add_(step * direction)
-            out = net(x)
-            for name, direction in zip(fused.linearized_names, v, strict=True):
-                params[name].sub_(step * direction)
-        return out
-
-    finite = (8 * (shifted(h) - shifted(-h)) - (shifted(2 * h) - shifted(-2 * h))) / (12 * h)
+    finite = central_difference(net, x, fused.linearized_names, v, step=2e-5, order=4)
     assert relative(tangent, finite) <= TOLERANCE
 
 
