@@ -165,6 +165,9 @@ def test_refit_head_matches_the_full_retrain(run_dir: Path, tmp_path: Path) -> N
     record = exact["forget"]
     assert record["drop_class"] == 1 and record["before"]["test/acc_class1"] > 0
     assert record["after"]["test/acc_class1"] < record["before"]["test/acc_class1"]
+    for when in ("before", "after"):  # "right/total" on the test images of class 1 (scored on those alone before)
+        right, total = map(int, record[when]["test/right_class1"].split("/"))
+        assert total > 0 and right / total == pytest.approx(record[when]["test/acc_class1"])
     assert not any("head" in note for note in record["remains_of_removed"])
     # solve's stopping rule certifies its distance to the optimum: ‖∇L'‖/λ ≤ tol/(1 + tol)·‖δ − δ*‖.
     certificate = solve["forget"]["certificate"]

@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{record['certificate']['relative_to_run_delta']:.1e} × at the run's δ*")
     for key in before:
         if key.startswith("test/acc_class"):
-            print(f"{key}: {before[key]} -> {after[key]}")
+            right = key.replace("acc", "right")
+            print(f"{key}: {before[key]} ({before[right]}) -> {after[key]} ({after[right]})")
     return 0
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import Subset
 
 from lqf_exp.builders import build
 from lqf_exp.data.base import kept_indices
@@ -19,7 +20,7 @@ from lqf_exp.solvers import check_kernel_size
 
 from .core import Solution, conjugate_gradient_from, exact_solution, gradient_norm
 from .outputs import scores, split_metrics, staged_directory, write_run
-from .problem import RemainingProblem, Removal, read_removal, refit_head
+from .problem import RemainingProblem, Removal, class_positions, read_removal, refit_head
 
 log = logging.getLogger(__name__)
 
@@ -146,10 +147,12 @@ def forget(run_dir: Path, drop: Path | None = None, drop_class: int | None = Non
         raise FileExistsError(f"--out {str(out)!r} exists already; the edited run goes to a new directory")
     data_drop = _combined_drop(run, removal)
     module, dm = run.module, run.datamodule
-    removed = torch.utils.data.Subset(dm.train_dataset, removal.dropped)
+    removed = Subset(dm.train_dataset, removal.dropped)
     k = removal.drop_class
-    # Before: the run's recorded accuracies, plus what it does not record (the removed samples, class k).
-    before_test = scores(module, dm.test_dataset, dm.eval_batch_size) if k is not None else None
+    # Before: the run's recorded accuracies, plus what it does not record (the removed samples, class k: scored on
+    # the test images of class k alone, the rest of the test set does not change its accuracy).
+    before_class = None if k is None else scores(module, Subset(dm.test_dataset, class_positions(dm.test_dataset, k)),
+                                                 dm.eval_batch_size)
     before = {"val/acc": run.metrics["metrics"].get("val/acc"), "test/acc": run.metrics["metrics"].get("test/acc"),
               "removed/acc": scores(module, removed, dm.eval_batch_size).acc}
     start = problem.flat_delta()
@@ -160,8 +163,9 @@ def forget(run_dir: Path, drop: Path | None = None, drop_class: int | None = Non
     val, test, gone = (scores(module, d, dm.eval_batch_size) for d in (dm.val_dataset, dm.test_dataset, removed))
     after = {"val/acc": val.acc, "test/acc": test.acc, "removed/acc": gone.acc}
     if k is not None:
-        assert before_test is not None
-        before[f"test/acc_class{k}"], after[f"test/acc_class{k}"] = before_test.class_acc(k), test.class_acc(k)
+        assert before_class is not None
+        for entry, scored in ((before, before_class), (after, test)):
+            entry[f"test/acc_class{k}"], entry[f"test/right_class{k}"] = scored.class_acc(k), scored.class_counts(k)
     dtype = module.linearized.delta_list()[0].dtype
     certificate = {
         "objective": f"mean over the {problem.size} remaining samples + (λ/2)‖δ‖², λ = {run.weight_decay:g}",

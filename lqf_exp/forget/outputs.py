@@ -44,6 +44,11 @@ class Scores:
         mask = self.labels == k
         return float((self.predictions[mask] == k).double().mean()) if bool(mask.any()) else None
 
+    def class_counts(self, k: int) -> str:
+        """``"right/total"`` on the images of class ``k``."""
+        mask = self.labels == k
+        return f"{int((self.predictions[mask] == k).sum())}/{int(mask.sum())}"
+
 
 @torch.no_grad()
 def scores(module: torch.nn.Module, dataset: Dataset, batch_size: int) -> Scores:

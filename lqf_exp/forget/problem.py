@@ -24,7 +24,7 @@ from lqf_exp.solvers import DualSystem, LQFObjective
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Removal", "RemainingProblem", "read_removal", "refit_head"]
+__all__ = ["Removal", "RemainingProblem", "class_positions", "read_removal", "refit_head"]
 
 
 @dataclass
@@ -40,6 +40,11 @@ class Removal:
 
 def _labels(dataset: Dataset) -> list[int]:
     return [int(dataset[i][1]) for i in range(len(dataset))]  # type: ignore[arg-type]
+
+
+def class_positions(dataset: Dataset, k: int) -> list[int]:
+    """The positions in ``dataset`` of its samples of class ``k``."""
+    return [i for i, label in enumerate(_labels(dataset)) if label == k]
 
 
 def read_removal(run: FinishedRun, drop: Path | None, drop_class: int | None) -> Removal:
@@ -67,7 +72,7 @@ def read_removal(run: FinishedRun, drop: Path | None, drop_class: int | None) ->
     if not 0 <= drop_class < classes:
         raise ValueError(f"--drop-class {drop_class}: the run's classes are 0..{classes - 1} "
                          f"({', '.join(run.datamodule.class_names)})")
-    dropped = [i for i, label in enumerate(_labels(train)) if label == drop_class]
+    dropped = class_positions(train, drop_class)
     if not dropped:
         raise ValueError(f"--drop-class {drop_class}: the run's training set has no sample of that class")
     text = "".join(f"{i}\n" for i in dropped)
