@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,10 +23,12 @@ from pathlib import Path
 import yaml
 from hydra.core.global_hydra import GlobalHydra
 
-from lqf_exp.config import compose_config
-from lqf_exp.forget import ForgetOptions, forget
-from lqf_exp.influence import load_finished_run
-from lqf_exp.pipeline import run
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # lqf_exp, when run as `python benchmarks/...`
+
+from lqf_exp.config import compose_config  # noqa: E402
+from lqf_exp.forget import ForgetOptions, forget  # noqa: E402
+from lqf_exp.influence import load_finished_run  # noqa: E402
+from lqf_exp.pipeline import run  # noqa: E402
 
 
 def _full_retrain(run_dir: Path, drop: Path, weight_decay: float, out: Path) -> tuple[float, float]:
