@@ -17,11 +17,13 @@ import pytest
 import torch
 from hydra.core.global_hydra import GlobalHydra
 from torch import Tensor
+from torch.utils.data import Subset
 
 from lqf_exp.config import compose_config
 from lqf_exp.delta_layout import flatten
 from lqf_exp.forget import conjugate_gradient_from, exact_solution
 from lqf_exp.forget.__main__ import main
+from lqf_exp.forget.problem import labels_of
 from lqf_exp.influence import load_finished_run
 from lqf_exp.pipeline import run
 from lqf_exp.results import METRICS_FILE
@@ -145,6 +147,12 @@ def test_command_matches_retrain_and_writes_a_finished_run(run_dir: Path, tmp_pa
     assert len(edited.datamodule.train_dataset) == 27 and edited.weight_decay == LAMBDA
     overrides = (tmp_path / "exact" / ".hydra" / "overrides.yaml").read_text()
     assert f"data.drop={tmp_path / 'exact' / 'drop.txt'}" in overrides and f"method.weight_decay={LAMBDA}" in overrides
+
+
+def test_labels_of_matches_reading_every_item(run_dir: Path) -> None:
+    dm = load_finished_run(run_dir, native_precision=True).datamodule
+    for dataset in (dm.train_dataset, dm.test_dataset, Subset(dm.test_dataset, [5, 2, 9])):
+        assert labels_of(dataset) == [int(dataset[i][1]) for i in range(len(dataset))]
 
 
 def test_refit_head_matches_the_full_retrain(run_dir: Path, tmp_path: Path) -> None:

@@ -15,7 +15,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from lqf_exp.data.base import kept_indices
+from lqf_exp.data.base import CastImages, kept_indices
+from lqf_exp.data.torchvision_sets import dataset_targets
+from lqf_exp.data.transforms import TransformedSubset
 from lqf_exp.head_init import fit_validated_head
 from lqf_exp.influence import FinishedRun
 from lqf_exp.jacobian_cache import JacobianCache, jacobian_cache_refusal
@@ -24,7 +26,7 @@ from lqf_exp.solvers import DualSystem, LQFObjective
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Removal", "RemainingProblem", "class_positions", "read_removal", "refit_head"]
+__all__ = ["Removal", "RemainingProblem", "class_positions", "labels_of", "read_removal", "refit_head"]
 
 
 @dataclass
@@ -38,13 +40,20 @@ class Removal:
     drop_class: int | None = None
 
 
-def _labels(dataset: Dataset) -> list[int]:
-    return [int(dataset[i][1]) for i in range(len(dataset))]  # type: ignore[arg-type]
+def labels_of(dataset: Dataset) -> list[int]:
+    """The labels of ``dataset`` in order, without decoding its images where its wrappers allow (subsets, casts,
+    in-memory tensors, torchvision and ImageFolder sets); else by reading every item."""
+    if isinstance(dataset, Subset | TransformedSubset):
+        labels = labels_of(dataset.dataset if isinstance(dataset, Subset) else dataset.base)
+        return [labels[i] for i in dataset.indices]
+    if isinstance(dataset, CastImages):
+        return labels_of(dataset.base)
+    return [int(label) for label in dataset_targets(dataset)]
 
 
 def class_positions(dataset: Dataset, k: int) -> list[int]:
     """The positions in ``dataset`` of its samples of class ``k``."""
-    return [i for i, label in enumerate(_labels(dataset)) if label == k]
+    return [i for i, label in enumerate(labels_of(dataset)) if label == k]
 
 
 def read_removal(run: FinishedRun, drop: Path | None, drop_class: int | None) -> Removal:
