@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,16 @@ RUN = ["model.weights=null", "data.shots=3", "data.image_size=8", "method.linear
        f"method.weight_decay={LAMBDA}"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """Every test here, and the module's run, on one thread: tiny tensors on a shared 2-core box spend most of their
+    time in thread overhead otherwise (the file took 125 s with torch's default threads, 16 s with one, at load ~5)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def dense_optimum(J: Tensor, r: Tensor, weight_decay: float) -> Tensor:
     """``argmin (1/N)Σ‖r_n − J_nδ‖² + (λ/2)‖δ‖²`` over the N samples given (primal, dense, float64)."""
     rows = J.reshape(-1, J.shape[-1])
@@ -62,7 +73,6 @@ def small() -> tuple[SmallProblem, Tensor, Tensor, Tensor]:
     return problem, J, r, dense_optimum(J, r, LAMBDA)
 
 
-@pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("which", ["single", "class", "random10"])
 def test_exact_and_solve_match_retraining(small: tuple, which: str) -> None:
     problem, J, r, full = small
