@@ -2,13 +2,14 @@
 # LQF on a vision transformer (issue 19): the packaged vit_tiny (pre-trained on Fashion-MNIST classes 0-4 by
 # `python run.py experiment=pretrain_vit`, a separate command: README "Rebuilding the source checkpoints"), on the two
 # offline target tasks:
-#   table    {nlft, lpft} x lr {0.05, 0.01, 0.001} (wd 1e-4; a ViT has no BatchNorm, so no BN modes), best on val,
+#   table    {nlft, lpft} x lr {0.05, 0.01, 0.001} (and 3e-4 on fmnist_target, whose pick was the lowest), wd 1e-4
+#            (a ViT has no BatchNorm, so no BN modes), best on val,
 #            plus the solved methods {lqf, probe}; the report adds LQF's paired wins-ties-losses per seed
 #   ablation MSE -> CE and K-FAC -> none (and both) on GELU, a ViT's own activation (no Leaky-ReLU row); the full-LQF
 #            cell is the table's LQF, so the ablation report reads both directories
-# Seeds: 0-2 on fmnist_target; seed 0 only on digits and in the ablation (to fit the 2-core box: LQF on full digits
-# takes ~12 min a cell there, and a solved LQF/probe cell on full data does not depend on the seed beyond batch
-# order). --full runs seeds 0-2 everywhere.
+# Seeds: 0-2 on fmnist_target; seed 0 only on digits and in the ablation, to fit the 2-core box (a solved LQF or
+# probe cell on full data does not depend on the seed: closed form, or batch order only). --full runs seeds 0-2
+# everywhere. Took 46 min on the 2-core box shared with other work (see docs/results/README.md).
 #   bash docs/results/reproduce_vit.sh [--full] [output dir]
 set -euo pipefail
 export OMP_NUM_THREADS=1
@@ -20,6 +21,8 @@ if $full; then digits_seeds=0,1,2; ablation_seeds=0,1,2; else digits_seeds=0; ab
 common="model=vit_tiny logger=csv launcher=joblib callbacks.progress_bar.refresh_rate=0"
 per_data='hydra.sweep.subdir=${data.name}/${hydra.job.override_dirname}'
 finetune="experiment=nlft,lpft method.bn=choice(train) optim.lr=0.05,0.01,0.001 optim.weight_decay=1e-4"
+# fmnist_target's fine-tuning picked the grid's lowest lr (0.001) by validation: the grid goes one step lower there.
+low_lr="experiment=nlft,lpft method.bn=choice(train) optim.lr=0.0003 optim.weight_decay=1e-4"
 start=$(date +%s)
 lap() { echo "[reproduce_vit] $1 done at $(( $(date +%s) - start )) s"; }
 for data_seeds in "fashion_mnist_target 0,1,2" "digits $digits_seeds"; do
@@ -27,6 +30,9 @@ for data_seeds in "fashion_mnist_target 0,1,2" "digits $digits_seeds"; do
   python run.py -m +sweep=table1_solved data=$data seed=$seeds experiment=lqf,probe $common \
     hydra.sweep.dir=$out/table1
   python run.py -m +sweep=table1 data=$data seed=$seeds $finetune $common hydra.sweep.dir=$out/table1
+  if [[ $data == fashion_mnist_target ]]; then
+    python run.py -m +sweep=table1 data=$data seed=$seeds $low_lr $common hydra.sweep.dir=$out/table1
+  fi
   lap "table on $data"
 done
 for data in fashion_mnist_target digits; do
