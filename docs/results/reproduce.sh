@@ -45,4 +45,5 @@ for sweep in table1 lowshot ablation robustness; do
   python -m lqf_exp.report $out/$sweep --out docs/results/$sweep
 done
 python docs/results/reference_table.py $out > docs/results/reference_table.md
+bash docs/results/reproduce_vit.sh "$out"   # the vision transformer: its own sweeps and reports (~46 min)
 echo "reproduction took $(( $(date +%s) - start )) s"
