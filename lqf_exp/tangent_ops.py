@@ -168,7 +168,11 @@ class DualLinearFunction(torch.autograd.Function):
         primal, w0, dw = ctx.saved_tensors
         g2 = grad[ctx.batch :].reshape(-1, grad.shape[-1])
         grad_z = grad_dw = grad_db = None
-        if ctx.dual and ctx.needs_input_grad[0]:
+        if ctx.dual and ctx.needs_input_grad[0] and torch.is_grad_enabled():
+            # create_graph=True (a curvature product differentiates this backward): out= has no autograd
+            g_t = (g2 @ w0.to(g2.dtype)).reshape(ctx.batch, *primal.shape[1:])
+            grad_z = torch.cat([torch.zeros_like(g_t), g_t])
+        elif ctx.dual and ctx.needs_input_grad[0]:
             grad_z = g2.new_empty(2 * ctx.batch, *primal.shape[1:])
             g_p, g_t = grad_z.view(2, -1, primal.shape[-1]).unbind(0)
             g_p.zero_()
