@@ -18,10 +18,9 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from lqf_exp.data.base import CastImages, kept_indices
 from lqf_exp.data.torchvision_sets import dataset_targets
 from lqf_exp.data.transforms import TransformedSubset
-from lqf_exp.head_init import fit_validated_head
 from lqf_exp.influence import FinishedRun
 from lqf_exp.jacobian_cache import JacobianCache, jacobian_cache_refusal
-from lqf_exp.methods.lqf_setup import TrainingSet, build_dual_system, leave_one_out_refusal
+from lqf_exp.methods.lqf_setup import TrainingSet, build_dual_system
 from lqf_exp.solvers import DualSystem, LQFObjective
 
 log = logging.getLogger(__name__)
@@ -110,14 +109,8 @@ def refit_head(run: FinishedRun, kept: Dataset) -> dict[str, Any]:
     batches: Iterable[Any] = _loader(kept, datamodule.eval_batch_size)
     if module.head_init_batches is not None:
         batches = [b for _, b in zip(range(module.head_init_batches), batches, strict=False)]
-    refusal = leave_one_out_refusal(kept, module.num_classes) if module.head_init_l2 is None else None
-    if refusal is None:
-        module.initialize_head(batches)  # type: ignore[arg-type]
-    else:  # what initialize_head does under a trainer when leave-one-out cannot choose the penalty
-        log.info("head_init_l2=auto: validation loss instead of leave-one-out (%s)", refusal)
-        fit = fit_validated_head(module.linearized.base_network, batches, _loader(datamodule.val_dataset,
-                                 datamodule.eval_batch_size), module.loss_fn, head_name=module.linearized.head_name)
-        module.head_record = {"head_init": module.head_init, "head_l2": fit.fit.l2}
+    val = _loader(datamodule.val_dataset, datamodule.eval_batch_size)
+    module.initialize_head(batches, train_data=kept, val_loader=val)
     return dict(module.head_record)
 
 

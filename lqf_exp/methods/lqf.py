@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -236,10 +236,18 @@ class LQF(ClassifierModule):
             "or 64-true with any tangent, or a mixed precision with method.tangent=fused/auto on networks whose "
             "linearized modules all have fused rules")
 
-    def initialize_head(self, loader: DataLoader | None = None) -> None:
-        """Fit (``probe``) or draw (``random``) the base head at w0; δ is zero, so f_lin stays f(x; w0)."""
+    def initialize_head(self, loader: Iterable | None = None, *, train_data: Any = None,
+                        val_loader: Iterable | None = None) -> None:
+        """Fit (``probe``) or draw (``random``) the base head at w0; δ is zero, so f_lin stays f(x; w0).
+
+        ``train_data`` (default: the trainer's training samples; none without a trainer) decides whether leave-one-out
+        can choose the head's l2; where it cannot, the validation loss on ``val_loader`` (default: the trainer's
+        validation set) does. ``lqf_exp.forget`` passes the samples a run keeps and the run's validation set.
+        """
+        if train_data is None and self._trainer is not None:
+            train_data = self.train_data()
         if loader is None and self.head_init == "probe":
-            loader = self.eval_loader(self.train_data())
+            loader = self.eval_loader(train_data)
             if self.head_init_batches is not None:
                 loader = [batch for _, batch in zip(range(self.head_init_batches), loader, strict=False)]
         device = self.trainer.strategy.root_device if self._trainer is not None else None
@@ -247,11 +255,11 @@ class LQF(ClassifierModule):
         original_device = next(base.parameters()).device
         base = base.to(device or original_device)
         refusal = None
-        if self.head_init == "probe" and self.head_init_l2 is None and self._trainer is not None:
-            refusal = leave_one_out_refusal(self.train_data(), self.num_classes)
+        if self.head_init == "probe" and self.head_init_l2 is None and train_data is not None:
+            refusal = leave_one_out_refusal(train_data, self.num_classes)
         if refusal is not None:  # the head's l2 on the validation loss instead, as method=probe chooses it
             log.info("head_init_l2=auto: validation loss instead of leave-one-out (%s)", refusal)
-            val = self.eval_loader(self.trainer.datamodule.val_dataset)
+            val = val_loader if val_loader is not None else self.eval_loader(self.trainer.datamodule.val_dataset)
             fit = fit_validated_head(base, loader, val, self.loss_fn, device=device,
                                      head_name=self.linearized.head_name).fit
         else:
