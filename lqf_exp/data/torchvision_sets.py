@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 import torchvision.datasets
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
-from lqf_exp.data.base import ClassificationDataModule, Splits, as_channel_stats
+from lqf_exp.data.base import CastImages, ClassificationDataModule, Splits, as_channel_stats
 from lqf_exp.data.sampling import per_class_split
 from lqf_exp.data.transforms import (
     IMAGENET_MEAN,
@@ -77,6 +77,17 @@ def dataset_targets(ds: Dataset) -> np.ndarray:
     if hasattr(ds, "_samples"):  # StanfordCars
         return np.asarray([s[1] for s in ds._samples], dtype=np.int64)
     return np.asarray([int(ds[i][1]) for i in range(len(ds))], dtype=np.int64)  # type: ignore[arg-type]
+
+
+def labels_of(dataset: Dataset) -> list[int]:
+    """The labels of ``dataset`` in order, without decoding its images where its wrappers allow (subsets, casts,
+    in-memory tensors, torchvision and ImageFolder sets); else by reading every item."""
+    if isinstance(dataset, Subset | TransformedSubset):
+        labels = labels_of(dataset.dataset if isinstance(dataset, Subset) else dataset.base)
+        return [labels[i] for i in dataset.indices]
+    if isinstance(dataset, CastImages):
+        return labels_of(dataset.base)
+    return [int(label) for label in dataset_targets(dataset)]
 
 
 def dataset_class_names(ds: Dataset, targets: np.ndarray) -> list[str]:

@@ -15,9 +15,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from lqf_exp.data.base import CastImages, kept_indices
-from lqf_exp.data.torchvision_sets import dataset_targets
-from lqf_exp.data.transforms import TransformedSubset
+from lqf_exp.data.base import kept_indices
+from lqf_exp.data.torchvision_sets import labels_of
 from lqf_exp.influence import FinishedRun
 from lqf_exp.jacobian_cache import JacobianCache, jacobian_cache_refusal
 from lqf_exp.methods.lqf_setup import TrainingSet, build_dual_system
@@ -37,17 +36,6 @@ class Removal:
     kept: list[int]
     text: str
     drop_class: int | None = None
-
-
-def labels_of(dataset: Dataset) -> list[int]:
-    """The labels of ``dataset`` in order, without decoding its images where its wrappers allow (subsets, casts,
-    in-memory tensors, torchvision and ImageFolder sets); else by reading every item."""
-    if isinstance(dataset, Subset | TransformedSubset):
-        labels = labels_of(dataset.dataset if isinstance(dataset, Subset) else dataset.base)
-        return [labels[i] for i in dataset.indices]
-    if isinstance(dataset, CastImages):
-        return labels_of(dataset.base)
-    return [int(label) for label in dataset_targets(dataset)]
 
 
 def class_positions(dataset: Dataset, k: int) -> list[int]:

@@ -14,6 +14,7 @@ from matplotlib.figure import Figure
 from scipy.stats import spearmanr
 from torch import Tensor
 
+from lqf_exp.data.torchvision_sets import labels_of
 from lqf_exp.results import atomic_write_json
 from lqf_exp.tracking import stable_run_id
 
@@ -25,11 +26,6 @@ log = logging.getLogger(__name__)
 __all__ = ["CSV_FILE", "GALLERY_FILE", "SUMMARY_FILE", "write_outputs"]
 
 CSV_FILE, GALLERY_FILE, SUMMARY_FILE = "influence.csv", "gallery.png", "influence.json"
-
-
-def _labels(run: FinishedRun) -> list[int]:
-    dataset = run.datamodule.train_dataset
-    return [int(dataset[i][1]) for i in range(len(dataset))]  # type: ignore[arg-type]
 
 
 def _rows(run: FinishedRun, result: RunInfluence, labels: list[int]) -> list[dict[str, Any]]:
@@ -94,7 +90,7 @@ def _log_to_wandb(run: FinishedRun, rows: list[dict[str, Any]], gallery: Path, s
 def write_outputs(run: FinishedRun, result: RunInfluence, out_dir: Path, gallery_count: int = 8) -> dict[str, Any]:
     """Write every output into ``out_dir``; returns the summary (also ``influence.json``)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    labels = _labels(run)
+    labels = labels_of(run.datamodule.train_dataset)
     rows = _rows(run, result, labels)
     tmp = out_dir / f".{CSV_FILE}.tmp"
     with tmp.open("w", newline="") as handle:
