@@ -45,8 +45,6 @@ def removals(full: tuple) -> dict[str, tuple]:
     return out
 
 
-REMOVALS = removals(FULL_LQF)
-
 
 def rel_text(value: float | None, pick: Pick, ref: Pick) -> str:
     """A relative increase, or why there is none."""
