@@ -25,6 +25,7 @@ from lqf_exp.results import (
     atomic_write_text,
     read_metrics,
     write_error,
+    write_test_predictions,
 )
 from lqf_exp.solvers import DivergenceError
 from lqf_exp.tracking import build_loggers, finishing_wandb, instantiate_collection, log_config
@@ -141,6 +142,9 @@ def _train_and_test(
     tested = best if module.test_checkpoint == "best" else None  # None: the weights at the end of fit
     test_results = trainer.test(module, datamodule=datamodule, ckpt_path=tested, weights_only=True, verbose=False)
     metrics = _final_metrics(fit_metrics, test_results[0] if test_results else {})
+    if trainer.world_size == 1 and module.test_predictions:  # under DDP each rank saw a padded share of the set
+        write_test_predictions(output_dir, torch.cat(module.test_labels).tolist(),
+                               torch.cat(module.test_predictions).tolist())
     final = None
     if tested is None:  # the tested weights are the end of fit: keep them (δ, head, K-FAC state) for later analysis
         final = output_dir / "checkpoints" / FINAL_CHECKPOINT

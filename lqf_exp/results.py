@@ -14,6 +14,7 @@ from typing import IO, Any
 METRICS_FILE = "metrics.json"
 ERROR_FILE = "error.json"
 FINAL_CHECKPOINT = "final.ckpt"  # the weights at the end of fit of a method tested on them (LQF)
+PREDICTIONS_FILE = "test_predictions.csv"  # index,label,prediction: one row per test sample, in test-set order
 
 
 @contextmanager
@@ -70,3 +71,29 @@ def write_error(output_dir: Path, error: BaseException, factors: dict[str, Any])
             "factors": factors,
         },
     )
+
+
+def write_test_predictions(output_dir: Path, labels: list[int], predictions: list[int]) -> None:
+    """``test_predictions.csv`` of a run: the test set's labels and the run's predicted classes, in order."""
+    if len(labels) != len(predictions):
+        raise ValueError(f"{len(labels)} test labels but {len(predictions)} predictions")
+    rows = "".join(f"{i},{y},{p}\n" for i, (y, p) in enumerate(zip(labels, predictions, strict=True)))
+    atomic_write_text(output_dir / PREDICTIONS_FILE, "index,label,prediction\n" + rows)
+
+
+def read_test_predictions(output_dir: Path) -> list[int] | None:
+    """The predicted classes of a run's ``test_predictions.csv`` in test-set order, or None if it has none."""
+    path = output_dir / PREDICTIONS_FILE
+    if not path.is_file():
+        return None
+    lines = path.read_text().splitlines()
+    if not lines or lines[0] != "index,label,prediction":
+        raise ValueError(f"{path}: expected the header 'index,label,prediction', got {lines[:1]}")
+    return [int(line.rsplit(",", 1)[1]) for line in lines[1:]]
+
+
+def changed_predictions(first: list[int], second: list[int]) -> int:
+    """How many test samples two runs on the same test set predict differently."""
+    if len(first) != len(second):
+        raise ValueError(f"prediction lists of different test sets: {len(first)} and {len(second)} samples")
+    return sum(a != b for a, b in zip(first, second, strict=True))

@@ -28,7 +28,7 @@ from lqf_exp.influence.outputs import CSV_FILE
 from lqf_exp.influence.run_dir import load_finished_run
 from lqf_exp.pipeline import run
 from lqf_exp.report.plots import curve_plot
-from lqf_exp.results import read_metrics
+from lqf_exp.results import changed_predictions, read_metrics, read_test_predictions
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,13 @@ def _drop_file(out: Path, order: str, fraction: float, fsi: list[float]) -> Path
     return path
 
 
+def _changed_from_full(out: Path, order: str, seed: int, cell: Path) -> int | str:
+    """How many test predictions of ``cell`` differ from the same seed's cell with nothing dropped: an equal error
+    count is not the same predictions. Empty where either run has no ``test_predictions.csv`` (or no 0 cell ran)."""
+    full, this = read_test_predictions(out / f"{order}-0" / f"seed{seed}"), read_test_predictions(cell)
+    return "" if full is None or this is None else changed_predictions(full, this)
+
+
 def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     curves = {}
     for order in ORDERS:
@@ -82,9 +89,12 @@ def _table(rows: list[dict[str, Any]]) -> str:
     for fraction in fractions:
         cells = []
         for order in ORDERS:
-            errs = [r["test_err"] for r in rows if r["order"] == order and r["fraction"] == fraction]
+            picked = [r for r in rows if r["order"] == order and r["fraction"] == fraction]
+            errs = [r["test_err"] for r in picked]
             spread = statistics.stdev(errs) if len(errs) > 1 else 0.0
-            cells.append(f"{statistics.fmean(errs):.2f} ± {spread:.2f} (n={len(errs)})" if errs else "—")
+            changed = [r["changed"] for r in picked if r["changed"] != ""]
+            moved = f"; {statistics.fmean(changed):g} predictions changed" if changed and fraction > 0 else ""
+            cells.append(f"{statistics.fmean(errs):.2f} ± {spread:.2f} (n={len(errs)}{moved})" if errs else "—")
         lines.append(f"| {100 * fraction:.0f}% | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -115,15 +125,18 @@ def summarize(run_dir: Path, fractions: list[float], seeds: list[int], out: Path
                     metrics = run(compose_config(base + extra, cell))
                 rows.append({"order": order, "fraction": fraction, "seed": seed,
                              "dropped": round(fraction * len(fsi)), "train_size": metrics["data"]["train_size"],
-                             "test_err": 100 * (1 - metrics["metrics"]["test/acc"])})
+                             "test_err": 100 * (1 - metrics["metrics"]["test/acc"]),
+                             "changed": _changed_from_full(out, order, seed, cell)})
     with (out / "summarize.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
     title = f"Dataset summarization, {finished.cfg.data.name} (LQF, λ = {finished.weight_decay:g})"
     _plot(rows, out / "summarize.png", title)
-    (out / "summarize.md").write_text(f"# {title}\n\nTest error (%), mean ± std over seeds.\n\n{_table(rows)}\n\n"
-                                      "![summarization](summarize.png)\n")
+    (out / "summarize.md").write_text(
+        f"# {title}\n\nTest error (%), mean ± std over seeds; predictions changed: test samples (mean over seeds) "
+        f"predicted differently from the same seed with nothing dropped.\n\n{_table(rows)}\n\n"
+        "![summarization](summarize.png)\n")
     return out
 
 

@@ -56,6 +56,10 @@ class ClassifierModule(pl.LightningModule):
         self.eval_samples = nn.ModuleDict({split: SumMetric() for split in ("val", "test")})
         self.val_acc_best = MaxMetric()
         self.val_acc_best.persistent(True)  # a resumed run keeps its best-validation record
+        # The test labels and predicted classes of this process's last test pass, in loader order (the test loader
+        # does not shuffle): what lets two runs be compared prediction by prediction, not only by error counts.
+        self.test_labels: list[Tensor] = []
+        self.test_predictions: list[Tensor] = []
 
     # -- what is trained --------------------------------------------------------------------------------------
     def configure_trainable(self) -> None:
@@ -93,7 +97,9 @@ class ClassifierModule(pl.LightningModule):
 
     def _evaluate(self, batch: tuple[Tensor, Tensor], split: str, accuracy: MulticlassAccuracy) -> Tensor:
         images, labels = batch
-        logits = self(images)
+        return self._score(self(images), labels, split, accuracy)
+
+    def _score(self, logits: Tensor, labels: Tensor, split: str, accuracy: MulticlassAccuracy) -> Tensor:
         loss = self.loss_fn(logits, labels)
         accuracy(logits, labels)
         mean_loss, samples = self.eval_loss[split], self.eval_samples[split]
@@ -115,8 +121,15 @@ class ClassifierModule(pl.LightningModule):
         self.val_acc_best(self.val_acc.compute())
         self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=False, sync_dist=True)
 
+    def on_test_epoch_start(self) -> None:
+        self.test_labels, self.test_predictions = [], []
+
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        return self._evaluate(batch, "test", self.test_acc)
+        images, labels = batch
+        logits = self(images)
+        self.test_labels.append(labels.detach().cpu())
+        self.test_predictions.append(logits.detach().argmax(dim=1).cpu())
+        return self._score(logits, labels, "test", self.test_acc)
 
     def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         return self(batch[0]).argmax(dim=1)
