@@ -39,6 +39,7 @@ class Cell:
     steps: int | None = None  # optimizer steps (LQF: solver steps; 0 for a closed-form fit)
     duration_s: float | None = None
     device: str | None = None  # "cpu" or "cuda": where it ran (the report header counts them; not a CSV column)
+    solver: dict[str, Any] = field(default_factory=dict)  # an LQF solve's record: objective, passes, chosen λ
 
     def get(self, key: str) -> Any:
         return self.factors.get(key)
@@ -158,6 +159,7 @@ def _read_cell(cell_dir: Path, sweep_dir: Path) -> Cell | None:
             steps=payload.get("steps"),
             duration_s=payload.get("duration_s"),
             device=payload.get("device"),
+            solver=dict(payload.get("solver") or {}),
         )
     if payload is not None and payload.get("status") == "diverged":
         factors = _with_bn(dict(payload.get("factors") or {}), cell_dir)

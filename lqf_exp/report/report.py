@@ -12,16 +12,18 @@ from typing import Any
 from lqf_exp.report.collect import FACTOR_KEYS, Cell, load_cells
 from lqf_exp.report.markdown import Section, md_cell, write_csv
 from lqf_exp.report.provenance import provenance_lines, shown_path, strip_paths, strip_row_paths
+from lqf_exp.report.spread import is_spread_cell, spread_section
 from lqf_exp.report.stats import base_label, distinct
 from lqf_exp.report.sweeps import lowshot_section, robustness_section
 from lqf_exp.report.tables import COMPONENTS, ablation_section, table1_section
 
-KINDS = ("table1", "ablation", "lowshot", "robustness")
+KINDS = ("table1", "ablation", "lowshot", "robustness", "spread")
 BUILDERS: dict[str, Callable[[Sequence[Cell], Path], list[Section]]] = {
     "table1": table1_section,
     "ablation": ablation_section,
     "lowshot": lowshot_section,
     "robustness": robustness_section,
+    "spread": spread_section,
 }
 
 
@@ -40,13 +42,21 @@ def detect_kinds(cells: Sequence[Cell]) -> list[str]:
     # Low-shot cells are not Table 1 material: the low-shot table already compares methods per shots.
     if len(by_base) > 1 and not _varies(known, "shots"):
         kinds.append("table1")
+    # LQF solved by more than one solver or at more than one batch size: the spread study (its preconditioner
+    # variation is part of it, not an ablation).
+    spread = [c for c in known if is_spread_cell(c)]
+    is_spread = _varies(spread, "solver") or _varies(spread, "batch_size")
     # Within one method: NLFT vs LQF differ in all three by construction, which is not an ablation.
-    if any(len({tuple(c.get(k) for k in COMPONENTS) for c in group}) > 1 for group in by_base.values()):
+    if not is_spread and any(len({tuple(c.get(k) for k in COMPONENTS) for c in group}) > 1
+                             for group in by_base.values()):
         kinds.append("ablation")
     if _varies(known, "shots"):
         kinds.append("lowshot")
-    if _varies(known, "lr") and _varies(known, "batch_size"):
+    with_lr = [c for c in known if c.get("lr") is not None]
+    if _varies(with_lr, "lr") and _varies(with_lr, "batch_size"):
         kinds.append("robustness")
+    if is_spread:
+        kinds.append("spread")
     return kinds or ["table1"]
 
 

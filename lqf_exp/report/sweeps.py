@@ -107,8 +107,9 @@ def effective_lr(hp: dict[str, Any]) -> float | None:
 
 
 def robustness_section(cells: Sequence[Cell], out_dir: Path) -> list[Section]:
-    """The ELR of the best grid point per data set and method, and the full lr × batch_size grid."""
-    cells = [c for c in cells if c.get("data") is not None]
+    """The ELR of the best grid point per data set and method, and the full lr × batch_size grid (cells without a
+    learning rate, e.g. the spread study's LQF, are not part of it)."""
+    cells = [c for c in cells if c.get("data") is not None and c.get("lr") is not None]
     label = make_labeler(cells, ignore=("data", "seed", *HP_KEYS))
     datasets, labels = distinct(cells, "data"), sort_labels(label(c) for c in cells)
     picks = {(d, m): Pick([c for c in cells if c.get("data") == d and label(c) == m]) for d in datasets for m in labels}
