@@ -138,6 +138,21 @@ def test_one_shot_chooses_penalties_on_validation_not_leave_one_out(make_cfg, tm
     assert metrics["solver"]["head_l2"] is not None
 
 
+def test_rule_validation_takes_the_path_where_leave_one_out_fits(make_cfg, tmp_path) -> None:  # noqa: ANN001
+    """``weight_decay_selection.rule=validation``: the validation-loss path at 5 shots, where leave-one-out would
+    decide; the λ kept is the path's lowest validation loss."""
+    metrics = run(make_cfg(["data.shots=5", "logger=none", "trainer.accelerator=cpu",
+                            "callbacks.progress_bar.refresh_rate=0", "method.weight_decay_selection.rule=validation",
+                            "method.weight_decay_selection.path=[100.0,1.0,0.01]"], tmp_path))
+    solver = metrics["solver"]
+    assert solver["weight_decay_selection"] == {"method": "validation path", "path": [100.0, 1.0, 0.01],
+                                                "why": "weight_decay_selection.rule=validation"}
+    path = solver["weight_decay_path"]
+    assert [step["weight_decay"] for step in path][:2] == [100.0, 1.0]
+    best = min(path, key=lambda step: step["val_loss"])
+    assert solver["weight_decay"] == best["weight_decay"]
+
+
 def test_leave_one_out_run_takes_the_dual_solution_and_cache_runs_give_val_metrics(make_cfg, tmp_path: Path) -> None:
     """λ by exact leave-one-out solves the dual system at that λ: the run takes δ* = Jᵀu (no iteration) and its
     objective is L* itself; a run solved on the Jacobian cache still validates, tests and checkpoints."""

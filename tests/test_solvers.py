@@ -233,7 +233,8 @@ def test_validation_path_keeps_the_best_and_stops_after_a_rise() -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"grid": []}, "non-empty"), ({"path": [0.1, 1.0]}, "largest"), ({"patience": 0}, "patience")],
+    [({"grid": []}, "non-empty"), ({"path": [0.1, 1.0]}, "largest"), ({"patience": 0}, "patience"),
+     ({"rule": "test"}, "rule='test': expected one of leave_one_out, validation")],
 )
 def test_weight_decay_selection_rejects_bad_settings(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):

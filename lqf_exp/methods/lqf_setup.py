@@ -90,6 +90,8 @@ def leave_one_out_refusal(data: Any, num_classes: int) -> str | None:
 
 def _kernel_refusal(train: TrainingSet, selection: WeightDecaySelection) -> str | None:
     """Why the dual system cannot serve the λ choice, or None when it can."""
+    if selection.rule == "validation":
+        return "weight_decay_selection.rule=validation"
     if (reason := leave_one_out_refusal(train.data, train.num_classes)) is not None:
         return reason
     if not train.loss.constant_curvature:

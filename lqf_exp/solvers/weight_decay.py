@@ -5,6 +5,7 @@ leave-one-out error (:meth:`~lqf_exp.solvers.dual.DualSystem.select_weight_decay
 whole grid). Otherwise the solver runs along ``path`` (largest λ first), each solve warm-started from the previous
 one and stopped by the stopping rule, and the solution with the lowest validation loss is kept
 (:class:`ValidationPath`); the path ends early once the validation loss has risen ``patience`` times in a row.
+``rule=validation`` takes the path even where leave-one-out fits (to compare the two rules).
 λ is ranked on converged solutions: each solve of the path stops at ``path_rel_gap`` (by default the method's own
 tolerance) or after ``path_max_epochs`` passes, and the solution with the lowest validation loss is the answer when it
 converged (a looser path would rank solutions far from the optima being compared: at 5 passes per λ the digits path
@@ -23,6 +24,8 @@ from torch import Tensor
 
 __all__ = ["WEIGHT_DECAY_GRID", "ValidationPath", "WeightDecaySelection"]
 
+RULES = ("leave_one_out", "validation")
+
 # λ per sample (the (λ/2)‖δ‖² of a batch-mean loss), half-decades from 1e-6 to 1e4.
 WEIGHT_DECAY_GRID: tuple[float, ...] = tuple(10.0 ** (k / 2) for k in range(-12, 9))
 
@@ -38,8 +41,11 @@ class WeightDecaySelection:
     max_rows: int = 6000
     max_memory_gb: float = 4.0
     patience: int = 1
+    rule: str = "leave_one_out"  # or "validation": the validation-loss path even where leave-one-out fits
 
     def __post_init__(self) -> None:
+        if self.rule not in RULES:
+            raise ValueError(f"weight_decay_selection.rule={self.rule!r}: expected one of {', '.join(RULES)}")
         self.grid, self.path = [float(v) for v in self.grid], [float(v) for v in self.path]
         if not self.grid or not self.path or min(self.grid + self.path) <= 0:
             raise ValueError(f"weight_decay_selection grid and path must be non-empty lists of values > 0, got "
