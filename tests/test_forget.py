@@ -27,7 +27,7 @@ from lqf_exp.forget.__main__ import main
 from lqf_exp.forget.problem import labels_of
 from lqf_exp.influence import load_finished_run
 from lqf_exp.pipeline import run
-from lqf_exp.results import METRICS_FILE
+from lqf_exp.results import METRICS_FILE, read_test_predictions
 from lqf_exp.solvers import DualSystem, LQFObjective
 
 from .helpers.problems import SmallProblem, small_problem
@@ -152,6 +152,14 @@ def test_command_matches_retrain_and_writes_a_finished_run(run_dir: Path, tmp_pa
         certificate = json.loads((tmp_path / method / "certificate.json").read_text())
         assert certificate == record["certificate"] and certificate["relative_to_zero"] <= 1e-6
         assert any("head" in note for note in record["remains_of_removed"])
+        # Its test predictions are on disk, as a run's are, and counted against the run's own.
+        edited, own = read_test_predictions(tmp_path / method), read_test_predictions(run_dir)
+        assert edited is not None and own is not None and len(edited) == len(own)
+        assert record["after"]["test/changed_predictions"] == sum(a != b for a, b in zip(own, edited, strict=True))
+        labels = [int(line.split(",")[1]) for line in (tmp_path / method / "test_predictions.csv").read_text()
+                  .splitlines()[1:]]
+        assert sum(y == p for y, p in zip(labels, edited, strict=True)) / len(labels) == pytest.approx(
+            metrics["metrics"]["test/acc"], abs=1e-9)
     # The new directory is a finished run: it loads, on the remaining 27 samples, at the edited δ.
     edited = load_finished_run(tmp_path / "exact", native_precision=True)
     assert len(edited.datamodule.train_dataset) == 27 and edited.weight_decay == LAMBDA

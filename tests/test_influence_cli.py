@@ -18,9 +18,12 @@ from lqf_exp.config import compose_config
 from lqf_exp.influence import exact_influence, load_finished_run
 from lqf_exp.influence.__main__ import main
 from lqf_exp.influence.compute import compute_influence
+from lqf_exp.influence.movement import movement, sweep_movement
 from lqf_exp.influence.outputs import write_outputs
+from lqf_exp.influence.run_dir import scores
 from lqf_exp.influence.summarize import summarize
 from lqf_exp.pipeline import run
+from lqf_exp.results import read_test_predictions
 from lqf_exp.tracking import stable_run_id
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -102,6 +105,21 @@ def test_summarization_drops_by_informativeness_and_plots(run_dir: Path) -> None
     assert "| 50% |" in (out / "summarize.md").read_text()
     kept = json.loads((out / "most-0.5" / "seed0" / "metrics.json").read_text())
     assert kept["data"]["train_size"] == 10 and kept["data"]["dropped"] == "drop-most-0.5.txt"
+    for row in rows:  # every cell records its test predictions; they agree with its accuracy
+        cell = out / f"{row['order']}-{float(row['fraction']):g}" / "seed0"
+        lines = (cell / "test_predictions.csv").read_text().splitlines()
+        assert lines[0] == "index,label,prediction"
+        table = [tuple(int(v) for v in line.split(",")) for line in lines[1:]]
+        metrics = json.loads((cell / "metrics.json").read_text())
+        assert [i for i, _, _ in table] == list(range(metrics["data"]["test_size"]))
+        right = sum(y == p for _, y, p in table)
+        assert right / len(table) == pytest.approx(metrics["metrics"]["test/acc"], abs=1e-6)
+        errors = len(table) - right
+        if float(row["fraction"]) == 0:
+            assert row["changed"] == "0"
+            full_errors = errors
+        else:  # a changed error count needs at least that many changed predictions
+            assert int(row["changed"]) >= abs(errors - full_errors)
 
 
 def test_influence_goes_to_the_runs_own_wandb_run(run_dir: Path, tmp_path: Path,
@@ -133,3 +151,29 @@ def test_influence_goes_to_the_runs_own_wandb_run(run_dir: Path, tmp_path: Path,
     assert calls["init"]["resume"] == "allow" and calls["init"]["mode"] == "offline"
     table = calls["log"]["influence/table"]
     assert table[2] == 20 and "fsi" in table[1] and calls["log"]["influence/gallery"][1].endswith("gallery.png")
+
+
+def test_movement_compares_the_solution_with_its_probe(run_dir: Path, tmp_path: Path) -> None:
+    row = movement(run_dir)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert row["test_acc_lqf"] == pytest.approx(metrics["metrics"]["test/acc"], abs=1e-6)
+    finished = load_finished_run(run_dir)
+    delta = torch.cat([d.detach().reshape(-1) for d in finished.module.linearized.delta_list()]).double()
+    assert row["delta_norm"] == pytest.approx(float(delta.norm()), rel=1e-9) and row["delta_norm"] > 0
+    assert row["weight_decay"] == finished.weight_decay
+    # At δ = 0 the network is the probe: scoring it by hand (δ zeroed) gives the probe columns.
+    with torch.no_grad():
+        for d in finished.module.linearized.delta_list():
+            d.zero_()
+    data = finished.datamodule
+    probe = scores(finished.module, data.test_dataset, data.eval_batch_size)
+    assert row["test_acc_probe"] == pytest.approx(probe.acc, abs=1e-12)
+    lqf_predictions = read_test_predictions(run_dir)
+    assert lqf_predictions is not None
+    assert row["test_changed"] == sum(int(a) != b for a, b in zip(probe.predictions, lqf_predictions, strict=True))
+    path = sweep_movement(run_dir, tmp_path / "movement")
+    with (tmp_path / "movement" / "movement.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    own = [r for r in rows if r["cell"] == "."]  # (and any summarization cells an earlier test left below it)
+    assert len(own) == 1 and float(own[0]["delta_norm"]) == pytest.approx(row["delta_norm"])
+    assert "| digits |" in path.read_text()

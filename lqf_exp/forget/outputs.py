@@ -8,7 +8,6 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,52 +15,17 @@ import torch
 import yaml
 from omegaconf import OmegaConf
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
 
 from lqf_exp.delta_layout import unflatten
 from lqf_exp.influence import FinishedRun
-from lqf_exp.influence.run_dir import CONFIG_FILE, load_final_checkpoint
+from lqf_exp.influence.run_dir import CONFIG_FILE, Scores, load_final_checkpoint
 from lqf_exp.results import FINAL_CHECKPOINT, METRICS_FILE, atomic_file, atomic_write_json, atomic_write_text
 
-__all__ = ["CERTIFICATE_FILE", "DROP_FILE", "Scores", "scores", "staged_directory", "write_run"]
+__all__ = ["CERTIFICATE_FILE", "DROP_FILE", "split_metrics", "staged_directory", "write_run"]
 
 DROP_FILE = "drop.txt"  # the index file as given (or the class's list), relative to the run's training set
 DATA_DROP_FILE = "data_drop.txt"  # what data.drop reads when the run had dropped samples already (both removals)
 CERTIFICATE_FILE = "certificate.json"
-
-
-@dataclass
-class Scores:
-    """Loss and accuracy of a module on a split, and its predictions (for per-class accuracies)."""
-
-    loss: float
-    acc: float
-    samples: int
-    predictions: Tensor
-    labels: Tensor
-
-    def class_acc(self, k: int) -> float | None:
-        mask = self.labels == k
-        return float((self.predictions[mask] == k).double().mean()) if bool(mask.any()) else None
-
-    def class_counts(self, k: int) -> str:
-        """``"right/total"`` on the images of class ``k``."""
-        mask = self.labels == k
-        return f"{int((self.predictions[mask] == k).sum())}/{int(mask.sum())}"
-
-
-@torch.no_grad()
-def scores(module: torch.nn.Module, dataset: Dataset, batch_size: int) -> Scores:
-    """The split's mean loss per sample and accuracy, as a run's test step reports them (``{split}/loss``,
-    ``{split}/acc``: the batch means weighted by batch size, i.e. the means over samples)."""
-    losses, predictions, labels = [], [], []
-    for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-        logits = module(x)
-        losses.append(module.loss_fn.per_sample(logits, y).double())  # type: ignore[operator]
-        predictions.append(logits.argmax(dim=1))
-        labels.append(torch.as_tensor(y))
-    loss, predicted, truth = torch.cat(losses), torch.cat(predictions), torch.cat(labels)
-    return Scores(float(loss.mean()), float((predicted == truth).double().mean()), len(truth), predicted, truth)
 
 
 def split_metrics(val: Scores, test: Scores) -> dict[str, float]:

@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
 
 from lqf_exp.builders import build, build_module
 from lqf_exp.data import ClassificationDataModule
@@ -17,7 +19,7 @@ from lqf_exp.precond import KFACOperator
 from lqf_exp.precond.operator import operator_options
 from lqf_exp.results import FINAL_CHECKPOINT, read_metrics
 
-__all__ = ["FinishedRun", "load_final_checkpoint", "load_finished_run"]
+__all__ = ["FinishedRun", "Scores", "load_final_checkpoint", "load_finished_run", "scores"]
 
 CONFIG_FILE = "config_resolved.yaml"
 KFAC_STATE_PREFIX = "KFACPreconditioner"
@@ -117,3 +119,37 @@ def load_finished_run(run_dir: str | Path, native_precision: bool = False) -> Fi
     if module.weight_decay is None or module.weight_decay <= 0:
         raise ValueError(f"influence needs λ > 0; {run_dir} was solved with weight_decay={module.weight_decay!r}")
     return FinishedRun(run_dir, cfg, metrics, datamodule, module, _kfac_operator(cfg, module, checkpoint))
+
+
+@dataclass
+class Scores:
+    """Loss and accuracy of a module on a split, and its predictions (for per-class accuracies)."""
+
+    loss: float
+    acc: float
+    samples: int
+    predictions: Tensor
+    labels: Tensor
+
+    def class_acc(self, k: int) -> float | None:
+        mask = self.labels == k
+        return float((self.predictions[mask] == k).double().mean()) if bool(mask.any()) else None
+
+    def class_counts(self, k: int) -> str:
+        """``"right/total"`` on the images of class ``k``."""
+        mask = self.labels == k
+        return f"{int((self.predictions[mask] == k).sum())}/{int(mask.sum())}"
+
+
+@torch.no_grad()
+def scores(module: torch.nn.Module, dataset: Dataset, batch_size: int) -> Scores:
+    """The split's mean loss per sample and accuracy, as a run's test step reports them (``{split}/loss``,
+    ``{split}/acc``: the batch means weighted by batch size, i.e. the means over samples)."""
+    losses, predictions, labels = [], [], []
+    for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        logits = module(x)
+        losses.append(module.loss_fn.per_sample(logits, y).double())  # type: ignore[operator]
+        predictions.append(logits.argmax(dim=1))
+        labels.append(torch.as_tensor(y))
+    loss, predicted, truth = torch.cat(losses), torch.cat(predictions), torch.cat(labels)
+    return Scores(float(loss.mean()), float((predicted == truth).double().mean()), len(truth), predicted, truth)
