@@ -26,10 +26,14 @@ def _training_settings(cfg: DictConfig) -> dict[str, Any]:
             "lr": solver.get("lr"),
             "momentum": solver.get("momentum") if "lr" in solver else None,
             "weight_decay": cfg.method.get("weight_decay"),
+            # How weight_decay=auto chooses λ (leave-one-out, or the validation path): a variant of the method.
+            "lambda_rule": OmegaConf.select(cfg, "method.weight_decay_selection.rule", default=None)
+            if cfg.method.get("weight_decay") == "auto" else None,
         }
     optimizer = cfg.method.get("optimizer") or {}
     return {
         "solver": None,
+        "lambda_rule": None,
         "lr": optimizer.get("lr"),
         "momentum": optimizer.get("momentum", 0.0),
         "weight_decay": optimizer.get("weight_decay", 0.0),
@@ -46,6 +50,7 @@ def run_factors(cfg: DictConfig) -> dict[str, Any]:
         "pooling": cfg.model.get("pooling", "avg"),
         "activation": cfg.activation.name,
         "loss": get_class(cfg.loss._target_).kind,
+        "target_scale": cfg.loss.get("target_scale"),  # MSE's α (one-hot targets × α); None for CE
         "precond": cfg.precond.name,
         "method": get_class(cfg.method._target_).method_name,
         "linearize": cfg.method.get("linearize"),

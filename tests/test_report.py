@@ -322,6 +322,27 @@ def test_lowshot_values(tmp_path: Path) -> None:
     assert_png(path.parent / "lowshot.png")
 
 
+def test_lowshot_picks_alpha_on_validation_and_keeps_lambda_rules_apart(tmp_path: Path) -> None:
+    """MSE's α is LQF's own setting: picked by mean validation accuracy over seeds like fine-tuning's lr; the λ rule
+    is a variant of the method, a column of its own."""
+    cells = {  # (α, rule) -> (val acc, test error) per seed
+        (15.0, "leave_one_out"): [(0.80, 20.0), (0.82, 22.0)],
+        (1.0, "leave_one_out"): [(0.85, 30.0), (0.83, 32.0)],  # best on validation, worse on test: still picked
+        (15.0, "validation"): [(0.70, 10.0), (0.70, 12.0)],
+    }
+    for (alpha, rule), seeds in cells.items():
+        for seed, (val, err) in enumerate(seeds):
+            write_cell(tmp_path, f"lqf-{alpha}-{rule}-s{seed}", err, val, shots=5, seed=seed, target_scale=alpha,
+                       lambda_rule=rule, lr=None, momentum=None, weight_decay="auto")
+    path = write_report(tmp_path, kind="lowshot")
+    rows = read_csv(path.parent / "lowshot.csv")
+    (loo,) = rows_where(rows, method="lqf (lambda_rule=leave_one_out)", shots="5")
+    assert loo["target_scale"] == "1.0" and float(loo["test_err_mean"]) == pytest.approx(31.0)
+    assert loo["grid_points"] == "2"
+    (validation,) = rows_where(rows, method="lqf (lambda_rule=validation)", shots="5")
+    assert float(validation["test_err_mean"]) == pytest.approx(11.0)
+
+
 def test_batchnorm_modes_are_separate_methods(tmp_path: Path) -> None:
     """bn=train and bn=eval fine-tuning at the same lr are two methods, not two seeds of one grid point."""
     for bn, errs in (("train", (10.0, 12.0)), ("eval", (30.0, 32.0))):

@@ -14,8 +14,8 @@ METRICS_FILE = "metrics.json"
 ERROR_FILE = "error.json"
 CONFIG_FILES = ("config_resolved.yaml", ".hydra/config.yaml")
 FACTOR_KEYS = (
-    "task", "recipe", "model", "weights", "pooling", "activation", "loss", "precond", "method", "linearize", "bn",
-    "data", "shots", "solver", "lr", "momentum", "weight_decay", "batch_size", "seed",
+    "task", "recipe", "model", "weights", "pooling", "activation", "loss", "target_scale", "precond", "method",
+    "linearize", "bn", "data", "shots", "solver", "lambda_rule", "lr", "momentum", "weight_decay", "batch_size", "seed",
 )  # fmt: skip
 # Directories that never hold a cell but can be large (checkpoints, W&B's local files).
 _SKIP_DIRS = {".hydra", "checkpoints", "wandb", "lightning_logs", "__pycache__", ".git"}
@@ -116,12 +116,15 @@ def factors_from_config(cell_dir: Path) -> dict[str, Any]:
         "bn": _lookup(cfg, "method.bn"),
         "activation": _lookup(cfg, "activation.name"),
         "loss": loss,
+        "target_scale": _lookup(cfg, "loss.target_scale"),
         "precond": _lookup(cfg, "precond.name"),
         "method": method,
         "linearize": _lookup(cfg, "method.linearize"),
         "data": _lookup(cfg, "data.name"),
         "shots": _lookup(cfg, "data.shots"),
         "solver": choices.get("solver") if method == "lqf" else None,
+        "lambda_rule": (_lookup(cfg, "method.weight_decay_selection.rule")
+                        if method == "lqf" and _lookup(cfg, "method.weight_decay") == "auto" else None),
         "lr": _lookup(cfg, "method.solver.lr") if method == "lqf" else _lookup(cfg, "method.optimizer.lr"),
         "momentum": (_lookup(cfg, "method.solver.momentum") if method == "lqf"
                      else _lookup(cfg, "method.optimizer.momentum")),

@@ -10,9 +10,10 @@ from typing import Any
 from lqf_exp.report.collect import Cell
 
 # The optimization hyper-parameters a table takes the best of (by validation accuracy), as the paper does.
-HP_KEYS = ("lr", "weight_decay", "batch_size", "momentum")
+HP_KEYS = ("lr", "weight_decay", "batch_size", "momentum", "target_scale")  # target_scale: MSE's α
 # Factors that may tell two methods apart when recipe/method alone does not.
-EXTRA_KEYS = ("task", "model", "weights", "activation", "loss", "precond", "linearize", "shots", "method", "bn")
+EXTRA_KEYS = ("task", "model", "weights", "activation", "loss", "precond", "linearize", "shots", "method", "bn",
+              "lambda_rule")
 # Column order of the paper's Tables 1 and 2 (MPN-COV and B-LQF: Table 2); other labels follow alphabetically.
 METHOD_ORDER = ("nlft", "finetune", "mpn_cov", "b_lqf", "lqf", "lqf_fc", "gaf", "probe", "fc")
 MAX_ERROR_CHARS = 70
