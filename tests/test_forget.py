@@ -25,6 +25,7 @@ from lqf_exp.delta_layout import flatten
 from lqf_exp.forget import conjugate_gradient_from, exact_solution
 from lqf_exp.forget.__main__ import main
 from lqf_exp.forget.problem import labels_of
+from lqf_exp.forget.table import forget_table
 from lqf_exp.influence import load_finished_run
 from lqf_exp.pipeline import run
 from lqf_exp.results import METRICS_FILE, read_test_predictions
@@ -165,6 +166,15 @@ def test_command_matches_retrain_and_writes_a_finished_run(run_dir: Path, tmp_pa
     assert len(edited.datamodule.train_dataset) == 27 and edited.weight_decay == LAMBDA
     overrides = (tmp_path / "exact" / ".hydra" / "overrides.yaml").read_text()
     assert f"data.drop={tmp_path / 'exact' / 'drop.txt'}" in overrides and f"method.weight_decay={LAMBDA}" in overrides
+    # The summary table: one row per forget run, its numbers those of metrics.json.
+    table = forget_table([tmp_path / m for m in runs]).splitlines()
+    assert len(table) == 2 + len(runs)
+    for line, (method, metrics) in zip(table[2:], runs.items(), strict=True):
+        before, after = metrics["forget"]["before"], metrics["forget"]["after"]
+        assert line.startswith(f"| 3 samples | {method} | kept | {before['test/acc']:.4f} → "
+                               f"{after['test/acc']:.4f} | — | {after['test/changed_predictions']} |")
+    with pytest.raises(ValueError, match="no 'forget' entry"):
+        forget_table([run_dir])
 
 
 def test_labels_of_matches_reading_every_item(run_dir: Path) -> None:
