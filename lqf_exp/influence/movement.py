@@ -56,6 +56,7 @@ def movement(run_dir: Path) -> dict[str, Any]:
     return {
         "data": factors.get("data"), "shots": factors.get("shots"), "seed": factors.get("seed"),
         "train_size": len(data.train_dataset),  # type: ignore[arg-type]
+        "target_scale": factors.get("target_scale"),
         "weight_decay": run.weight_decay, "weight_decay_rule": selection.get("method"),
         "head_l2": module.head_record.get("head_l2"),
         "delta_norm": float(delta.norm()), "delta_relative": float(delta.norm() / w0.norm()),
@@ -76,17 +77,23 @@ def _cells(sweep_dir: Path) -> list[Path]:
     return found
 
 
+def _order(item: tuple[tuple, list]) -> tuple:
+    data, shots, rule, alpha = item[0]
+    return str(data), shots, str(rule), alpha or 0.0
+
+
 def _table(rows: list[dict[str, Any]]) -> str:
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for row in rows:
-        groups.setdefault((row["data"], row["shots"] or 0, row["weight_decay_rule"]), []).append(row)
-    header = ["data", "shots", "λ rule", "n", "λ (median)", "‖δ‖/‖w0‖", "test acc at δ = 0", "test acc at δ*",
+        key = (row["data"], row["shots"] or 0, row["weight_decay_rule"], row["target_scale"])
+        groups.setdefault(key, []).append(row)
+    header = ["data", "shots", "λ rule", "α", "n", "λ (median)", "‖δ‖/‖w0‖", "test acc at δ = 0", "test acc at δ*",
               "test predictions changed"]
     lines = [md_row(header), "|" + "|".join("---" for _ in header) + "|"]
-    for (data, shots, rule), group in sorted(groups.items(), key=lambda item: (str(item[0][0]), item[0][1])):
+    for (data, shots, rule, alpha), group in sorted(groups.items(), key=_order):
         mean = {key: statistics.fmean(r[key] for r in group)
                 for key in ("delta_relative", "test_acc_probe", "test_acc_lqf", "test_changed")}
-        lines.append(md_row([data, shots or "full", rule, len(group),
+        lines.append(md_row([data, shots or "full", rule, "—" if alpha is None else f"{alpha:g}", len(group),
                              f"{statistics.median(r['weight_decay'] for r in group):g}",
                              f"{mean['delta_relative']:.2e}", f"{100 * mean['test_acc_probe']:.2f}",
                              f"{100 * mean['test_acc_lqf']:.2f}",
