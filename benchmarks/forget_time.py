@@ -36,7 +36,8 @@ def _full_retrain(run_dir: Path, drop: Path, weight_decay: float, out: Path) -> 
     overrides = yaml.safe_load(overrides_file.read_text()) or [] if overrides_file.is_file() else []
     overrides = [o for o in overrides if not o.startswith(("data.drop=", "method.weight_decay=", "logger="))]
     GlobalHydra.instance().clear()
-    cfg = compose_config(overrides + [f"data.drop={drop}", f"method.weight_decay={weight_decay}", "logger=none"], out)
+    cfg = compose_config(overrides + [f"data.drop={drop}", f"method.weight_decay={weight_decay}", "logger=none",
+                                      "callbacks.progress_bar.refresh_rate=0"], out)
     GlobalHydra.instance().clear()
     started = time.perf_counter()
     metrics = run(cfg)
@@ -47,7 +48,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 10, 100])
-    parser.add_argument("--methods", nargs="+", default=["auto", "retrain"])
+    parser.add_argument("--methods", nargs="*", default=["auto", "retrain"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--full-retrain", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
