@@ -45,7 +45,9 @@ done
 both="data=digits,fashion_mnist_target"
 common="logger=csv launcher=joblib callbacks.progress_bar.refresh_rate=0 trainer.deterministic=true"
 per_data='hydra.sweep.subdir=${data.name}/${hydra.job.override_dirname}'
-command="bash docs/results/reproduce.sh$($full && echo ' --full')"
+command="bash docs/results/reproduce.sh"
+vit_args=()
+if $full; then command+=" --full"; vit_args=(--full); fi
 report() { python -m lqf_exp.report "$1" --out "$2" --command "$command" "${@:3}" > /dev/null; echo "wrote $2"; }
 wanted() { [[ -z "$only" || ",$only," == *",$1,"* ]]; }
 start=$(date +%s)
@@ -137,7 +139,7 @@ part_linear_only() {
 }
 
 part_vit() {
-  bash docs/results/reproduce_vit.sh $($full && echo --full) "$out"
+  bash docs/results/reproduce_vit.sh ${vit_args[@]+"${vit_args[@]}"} "$out"
 }
 
 for part in $parts; do
