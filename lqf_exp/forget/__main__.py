@@ -32,8 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--retrain-tol", type=float, default=None,
                         help="retrain: stop at ‖∇L‖ ≤ tol·‖∇L(0)‖ (default 1e-6 for a float32 run, 1e-10 for float64)")
     parser.add_argument("--max-iter", type=int, default=2000, help="CG iterations at most (default 2000)")
-    parser.add_argument("--sketch-rank", type=int, default=128,
-                        help="deflate CG by this many sketched stiff directions when J is cached; 0: off (default 128)")
+    parser.add_argument("--sketch-rank", type=int, default=512,
+                        help="deflate CG by this many sketched stiff directions when J is cached; 0: off (default 512)")
     parser.add_argument("--max-rows", type=int, default=6000, help="exact: largest N·C (default 6000)")
     parser.add_argument("--max-memory-gb", type=float, default=4.0, help="exact: memory bound in GB (default 4)")
     args = parser.parse_args(argv)
