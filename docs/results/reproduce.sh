@@ -73,8 +73,10 @@ part_lowshot_why() {
   local dir=$out/lowshot_why cells="$both data.shots=5,10 seed=0,1,2,3,4"
   python run.py -m $cells experiment=lqf,probe $common hydra.sweep.dir=$dir "$per_data"
   python run.py -m $cells experiment=lqf loss.target_scale=1.0,50.0 $common hydra.sweep.dir=$dir "$per_data"
+  # The path spans the λ leave-one-out picks at low shot (10-1000); left out of the cell's name (too long for a path).
   python run.py -m $cells experiment=lqf method.weight_decay_selection.rule=validation \
     'method.weight_decay_selection.path=[1000.0,100.0,10.0,1.0,0.1,0.01,0.001]' $common \
+    'hydra.job.config.override_dirname.exclude_keys=[method.weight_decay_selection.path]' \
     hydra.sweep.dir=$dir "$per_data"
   python run.py -m $cells experiment=nlft optim.lr=0.05,0.01,0.001 $common hydra.sweep.dir=$dir "$per_data"
   report $dir docs/results/lowshot_why --kind lowshot
