@@ -10,14 +10,13 @@ import pytest
 import torch
 
 from lqf_exp.pipeline import run
+from lqf_exp.report.collect import FACTOR_KEYS as REPORT_FACTOR_KEYS
 from lqf_exp.results import ERROR_FILE, METRICS_FILE, atomic_write_json
 
 from .conftest import SMOKE
 
-FACTOR_KEYS = {
-    "task", "recipe", "model", "weights", "pooling", "activation", "loss", "precond", "method", "linearize", "bn",
-    "data", "shots", "solver", "lr", "momentum", "weight_decay", "batch_size", "seed",
-}
+# metrics.json's factors are the report's factor columns, no more and no fewer.
+FACTOR_KEYS = set(REPORT_FACTOR_KEYS)
 
 
 @pytest.mark.parametrize("method", ["finetune", "probe"])
