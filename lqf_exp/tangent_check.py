@@ -6,7 +6,9 @@ Two things cannot be read off the module tree and are checked numerically, once:
   identities) applied to the prefix's output, i.e. the prefix children run first, in registration order, as a chain;
 - the fused tangent: the dual modules see modules, not what a ``forward`` computes between them, so a non-linearity
   called as a function (``F.gelu``) would give a wrong tangent. It is compared with forward-mode AD along a random
-  direction (δ is often zero).
+  direction (δ is often zero). A float32 mismatch is looked at again in float64 before it counts: a pre-activation
+  within rounding of a ReLU/Leaky-ReLU kink can take the other slope in one path (one Fashion-MNIST validation image
+  gave 2.5e-3 in float32 and 8e-16 in float64), which is rounding, not a missing rule.
 """
 
 from __future__ import annotations
@@ -47,9 +49,10 @@ def check_prefix_split(net: nn.Module, prefix: nn.Module, suffix: nn.Module, fir
 
 @torch.no_grad()
 def fused_agrees_with_autodiff(fused: JVP, autodiff: JVP, like: Sequence[Tensor], device: torch.device,
-                               strict: bool) -> bool:
+                               strict: bool, report: bool = True) -> bool:
     """Whether the fused path's ``(f(x; w0), J·v)`` matches forward-mode AD along a random direction ``v`` (shaped
-    like ``like``), in the parameters' precision. ``strict``: raise instead of returning False."""
+    like ``like``), in the parameters' precision. ``strict``: raise instead of returning False; ``report=False``:
+    return False without a word (the caller looks again before it concludes)."""
     generator = torch.Generator(device=device).manual_seed(0)
     direction = [torch.randn(d.shape, generator=generator, device=d.device, dtype=d.dtype) * 1e-2 for d in like]
     # The check is about the rules, not rounding: no autocast, and no TF32 (on by default for CUDA convolutions,
@@ -67,6 +70,8 @@ def fused_agrees_with_autodiff(fused: JVP, autodiff: JVP, like: Sequence[Tensor]
             message = (f"tangent='fused' gives {what} {error:.2e} (relative) away from forward-mode AD (tolerance "
                        f"{tolerance:.0e}): the network computes something the fused rules do not see (e.g. a "
                        "functional non-linearity inside a forward).")
+            if not report:
+                return False
             if strict:
                 raise RuntimeError(message + " Use method.tangent=autodiff or auto.")
             log.warning("%s tangent=auto: forward-mode AD from now on.", message)

@@ -178,6 +178,32 @@ def test_auto_takes_forward_mode_ad_where_the_rules_do_not_reach(caplog) -> None
         out = functional(x)  # the first-batch check finds the hidden non-linearity
     assert functional.dual is None and "forward-mode AD from now on" in caplog.text
     assert torch.equal(out, reference(x))
+    # In float32 the mismatch is looked at again in float64, which confirms the missing rule.
+    caplog.clear()
+    functional32 = LinearizedNetwork(_FunctionalGelu(), tangent="auto")
+    with caplog.at_level("WARNING", logger="lqf_exp.linearize"):
+        functional32(torch.randn(2, 3, 8, 8))
+    assert functional32.dual is None and "forward-mode AD from now on" in caplog.text
+
+
+def test_a_float32_mismatch_that_float64_does_not_show_keeps_the_fused_path(monkeypatch, caplog) -> None:
+    """Rounding at a Leaky-ReLU kink can flip one slope in float32 (one Fashion-MNIST validation image did); the float64
+    second look tells it from a missing rule, and the fused path stays."""
+    import lqf_exp.linearize as linearize
+
+    real = linearize.fused_agrees_with_autodiff
+    calls = []
+
+    def float32_flips(fused, autodiff, like, device, strict, report=True):  # noqa: ANN001, ANN202
+        calls.append(like[0].dtype)
+        return False if like[0].dtype == torch.float32 else real(fused, autodiff, like, device, strict, report)
+
+    monkeypatch.setattr(linearize, "fused_agrees_with_autodiff", float32_flips)
+    net = LinearizedNetwork(tiny_cnn().float(), tangent="auto")
+    with caplog.at_level("INFO", logger="lqf_exp.linearize"):
+        net(torch.randn(2, 3, 8, 8))
+    assert net.dual is not None and calls == [torch.float32, torch.float64]
+    assert "not in float64: rounding at an activation kink" in caplog.text
 
 
 def test_unknown_tangent_path_is_refused() -> None:
