@@ -80,7 +80,7 @@ part_lowshot_why() {
     hydra.sweep.dir=$dir "$per_data"
   python run.py -m $cells experiment=nlft optim.lr=0.05,0.01,0.001 $common hydra.sweep.dir=$dir "$per_data"
   report $dir docs/results/lowshot_why --kind lowshot
-  python -m lqf_exp.influence.movement $dir --out docs/results/lowshot_why > /dev/null
+  python -m lqf_exp.influence.movement $dir --out docs/results/lowshot_why --command "$command" > /dev/null
 }
 
 part_ablation() {

@@ -22,6 +22,7 @@ import torch
 
 from lqf_exp.influence.run_dir import Scores, load_finished_run, scores
 from lqf_exp.report.markdown import md_row, write_csv
+from lqf_exp.report.provenance import provenance_lines, shown_path
 from lqf_exp.results import METRICS_FILE, read_metrics
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,7 @@ def _table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def sweep_movement(sweep_dir: Path, out: Path) -> Path:
+def sweep_movement(sweep_dir: Path, out: Path, commands: list[str] | None = None) -> Path:
     """``movement.csv`` (one row per finished LQF cell) and ``movement.md`` (means per data, shots and λ rule)."""
     cells = _cells(sweep_dir)
     if not cells:
@@ -112,8 +113,11 @@ def sweep_movement(sweep_dir: Path, out: Path) -> Path:
         rows.append({"cell": cell.relative_to(sweep_dir).as_posix(), **movement(cell)})
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "movement.csv", rows)
-    text = ("# How far LQF moved from its probe\n\nMeans over the seeds of each row; δ = 0 is w0 with the probe head "
-            "LQF starts from, δ* the solution. `movement.csv` has one row per run.\n\n" + _table(rows) + "\n")
+    command = f"python -m lqf_exp.influence.movement {shown_path(sweep_dir)} --out {shown_path(out)}"
+    header = "\n".join(provenance_lines(sweep_dir, command, commands or []))
+    text = (f"# How far LQF moved from its probe\n\n{header}\n\nMeans over the seeds of each row; δ = 0 is w0 with "
+            "the probe head LQF starts from, δ* the solution. `movement.csv` has one row per run.\n\n"
+            + _table(rows) + "\n")
     (out / "movement.md").write_text(text)
     return out / "movement.md"
 
@@ -123,10 +127,12 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep_dir", type=Path)
     parser.add_argument("--out", type=Path, default=None, help="where to write (default: <sweep dir>/movement)")
+    parser.add_argument("--command", action="append", default=[], metavar="CMD",
+                        help="the command that ran the sweep, for the header (repeatable; default: multirun.yaml)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
     try:
-        path = sweep_movement(args.sweep_dir, args.out or args.sweep_dir / "movement")
+        path = sweep_movement(args.sweep_dir, args.out or args.sweep_dir / "movement", args.command)
     except FileNotFoundError as error:
         parser.error(str(error))
     print(path.read_text(), end="")
