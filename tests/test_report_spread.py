@@ -91,6 +91,16 @@ def test_spread_one_factor_at_a_time_with_gaps_against_the_closed_form(spread_sw
 def test_without_an_exact_solve_there_is_no_gap(tmp_path: Path) -> None:
     for bs in (16, 64):
         _cell(tmp_path, f"bs{bs}", 7.0, _solve(2.1), batch_size=bs)
+    # CG stopped by the method's 1% gap rule is no optimum: it does not serve as L*.
+    _cell(tmp_path, "cg-loose", 7.0, {**_solve(2.05), "grad_ratio": 3.7e-2}, solver="cg")
     path = write_report(tmp_path, kind="spread")
     assert _rows(path.parent / "spread.csv")["LQF: batch_size"]["gap_max"] == ""
     assert "no such cell here: no gap" in path.read_text()
+
+
+def test_cg_solved_tight_is_the_optimum_where_the_closed_form_does_not_fit(tmp_path: Path) -> None:
+    for bs in (16, 64):
+        _cell(tmp_path, f"bs{bs}", 7.0, _solve(2.1), batch_size=bs)
+    _cell(tmp_path, "cg-tight", 7.0, {**_solve(2.0), "grad_ratio": 1e-6}, solver="cg")
+    rows = _rows(write_report(tmp_path, kind="spread").parent / "spread.csv")
+    assert float(rows["LQF: batch_size"]["gap_max"]) == pytest.approx(0.1 / 8)

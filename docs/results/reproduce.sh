@@ -106,7 +106,10 @@ part_spread() {
   local dir=$out/spread cells="+sweep=spread data=$data $common hydra.sweep.dir=$out/spread $per_data"
   python run.py -m $cells data.batch_size=16,64,256 seed=0,1,2
   python run.py -m $cells precond=ekfac,none
-  python run.py -m $cells solver=cg,kernel  # kernel refuses digits (N·C = 12950 > 6000): a failed cell, listed
+  python run.py -m $cells solver=kernel  # refuses digits (N·C = 12950 > 6000): a failed cell, listed
+  # CG to ‖∇L‖/‖∇L(0)‖ ≤ 1e-6 (the method's 1% gap rule set aside): the optimum the gaps are measured against where
+  # the closed form does not fit
+  python run.py -m $cells solver=cg method.stop.rel_gap=1e-12 method.stop.grad_norm=1e-6
   python run.py -m +sweep=robustness data=$data hydra.sweeper.params.experiment=nlft $common \
     hydra.sweep.dir=$dir "$per_data"
   report $dir docs/results/spread --kind spread
