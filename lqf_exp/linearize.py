@@ -30,7 +30,7 @@ from lqf_exp.delta_selection import DeltaSelection, delta_key, select_deltas
 from lqf_exp.options import TANGENT_PATHS
 from lqf_exp.per_sample_jacobian import hook_jacobian, hook_jacobian_supported
 from lqf_exp.tangent import UnsupportedModuleError, build_dual, copy_container
-from lqf_exp.tangent_check import check_prefix_split, fused_agrees_with_autodiff
+from lqf_exp.tangent_check import check_prefix_split, tangent_mismatch
 
 log = logging.getLogger(__name__)
 
@@ -196,24 +196,25 @@ class LinearizedNetwork(nn.Module):
         def autodiff(v: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
             return self._autodiff(self.prefix(x), v)
 
-        like = self.delta_list()
-        if fused_agrees_with_autodiff(fused, autodiff, like, x.device, strict=False, report=False):
+        mismatch = tangent_mismatch(fused, autodiff, self.delta_list(), x.device)
+        if mismatch is None:
             return
-        if x.dtype != torch.float64 and self._fused_agrees_in_float64(x):
+        if x.dtype != torch.float64 and self._tangent_mismatch_in_float64(x) is None:
             log.info("tangent='fused' differs from forward-mode AD in %s but not in float64: rounding at an "
                      "activation kink; the fused path stays", x.dtype)
             return
-        if not fused_agrees_with_autodiff(fused, autodiff, like, x.device, self.tangent == "fused"):
-            self.dual = None
+        if self.tangent == "fused":
+            raise RuntimeError(mismatch + " Use method.tangent=autodiff or auto.")
+        log.warning("%s tangent=auto: forward-mode AD from now on.", mismatch)
+        self.dual = None
 
-    def _fused_agrees_in_float64(self, x: Tensor) -> bool:
+    def _tangent_mismatch_in_float64(self, x: Tensor) -> str | None:
         """The fused-vs-AD comparison again on a float64 copy of this network (a few samples of ``x``)."""
         twin = copy.deepcopy(self).double()
         twin._checked = True
         sample = x[:8].double()
-        return fused_agrees_with_autodiff(lambda v: twin.jvp(sample, v),
-                                          lambda v: twin._autodiff(twin.prefix(sample), v),
-                                          twin.delta_list(), x.device, strict=False, report=False)
+        return tangent_mismatch(lambda v: twin.jvp(sample, v), lambda v: twin._autodiff(twin.prefix(sample), v),
+                                twin.delta_list(), x.device)
 
     def jacobian(self, x: Tensor, out: Tensor | None = None) -> Tensor:
         """The per-sample Jacobian ``J(x; w0)`` with respect to the δs, ``[B, C, P]`` (P = all δ entries, in the

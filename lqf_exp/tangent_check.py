@@ -13,15 +13,12 @@ Two things cannot be read off the module tree and are checked numerically, once:
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
-log = logging.getLogger("lqf_exp.linearize")
-
-__all__ = ["check_prefix_split", "fused_agrees_with_autodiff"]
+__all__ = ["check_prefix_split", "tangent_mismatch"]
 
 # (f(x; w0), J(x; w0)·v) for tangents v
 JVP = Callable[[Sequence[Tensor]], tuple[Tensor, Tensor]]
@@ -48,11 +45,10 @@ def check_prefix_split(net: nn.Module, prefix: nn.Module, suffix: nn.Module, fir
 
 
 @torch.no_grad()
-def fused_agrees_with_autodiff(fused: JVP, autodiff: JVP, like: Sequence[Tensor], device: torch.device,
-                               strict: bool, report: bool = True) -> bool:
-    """Whether the fused path's ``(f(x; w0), J·v)`` matches forward-mode AD along a random direction ``v`` (shaped
-    like ``like``), in the parameters' precision. ``strict``: raise instead of returning False; ``report=False``:
-    return False without a word (the caller looks again before it concludes)."""
+def tangent_mismatch(fused: JVP, autodiff: JVP, like: Sequence[Tensor], device: torch.device) -> str | None:
+    """Why the fused path's ``(f(x; w0), J·v)`` does not match forward-mode AD along a random direction ``v``
+    (shaped like ``like``), in the parameters' precision; None where it matches. The caller decides what a mismatch
+    means (look again in float64, warn and leave the fused path, or raise)."""
     generator = torch.Generator(device=device).manual_seed(0)
     direction = [torch.randn(d.shape, generator=generator, device=d.device, dtype=d.dtype) * 1e-2 for d in like]
     # The check is about the rules, not rounding: no autocast, and no TF32 (on by default for CUDA convolutions,
@@ -67,13 +63,7 @@ def fused_agrees_with_autodiff(fused: JVP, autodiff: JVP, like: Sequence[Tensor]
     for what, a, b in zip(("f(x; w0)", "J(x; w0)·v"), got, want, strict=True):
         error, tolerance = _relative_error(a, b), _TOLERANCE.get(b.dtype, 1e-4)
         if not error <= tolerance:
-            message = (f"tangent='fused' gives {what} {error:.2e} (relative) away from forward-mode AD (tolerance "
-                       f"{tolerance:.0e}): the network computes something the fused rules do not see (e.g. a "
-                       "functional non-linearity inside a forward).")
-            if not report:
-                return False
-            if strict:
-                raise RuntimeError(message + " Use method.tangent=autodiff or auto.")
-            log.warning("%s tangent=auto: forward-mode AD from now on.", message)
-            return False
-    return True
+            return (f"tangent='fused' gives {what} {error:.2e} (relative) away from forward-mode AD (tolerance "
+                    f"{tolerance:.0e}): the network computes something the fused rules do not see (e.g. a "
+                    "functional non-linearity inside a forward).")
+    return None

@@ -191,14 +191,14 @@ def test_a_float32_mismatch_that_float64_does_not_show_keeps_the_fused_path(monk
     second look tells it from a missing rule, and the fused path stays."""
     import lqf_exp.linearize as linearize
 
-    real = linearize.fused_agrees_with_autodiff
+    real = linearize.tangent_mismatch
     calls = []
 
-    def float32_flips(fused, autodiff, like, device, strict, report=True):  # noqa: ANN001, ANN202
+    def float32_flips(fused, autodiff, like, device):  # noqa: ANN001, ANN202
         calls.append(like[0].dtype)
-        return False if like[0].dtype == torch.float32 else real(fused, autodiff, like, device, strict, report)
+        return "a float32 slope flip" if like[0].dtype == torch.float32 else real(fused, autodiff, like, device)
 
-    monkeypatch.setattr(linearize, "fused_agrees_with_autodiff", float32_flips)
+    monkeypatch.setattr(linearize, "tangent_mismatch", float32_flips)
     net = LinearizedNetwork(tiny_cnn().float(), tangent="auto")
     with caplog.at_level("INFO", logger="lqf_exp.linearize"):
         net(torch.randn(2, 3, 8, 8))
