@@ -21,10 +21,10 @@ from torch import Tensor
 from torch.utils.data import Subset
 
 from lqf_exp.config import compose_config
+from lqf_exp.data.torchvision_sets import labels_of
 from lqf_exp.delta_layout import flatten
 from lqf_exp.forget import conjugate_gradient_from, exact_solution
 from lqf_exp.forget.__main__ import main
-from lqf_exp.forget.problem import labels_of
 from lqf_exp.forget.table import forget_table
 from lqf_exp.influence import load_finished_run
 from lqf_exp.pipeline import run

@@ -24,7 +24,7 @@ from lqf_exp.solvers import DualSystem, LQFObjective
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Removal", "RemainingProblem", "class_positions", "labels_of", "read_removal", "refit_head"]
+__all__ = ["Removal", "RemainingProblem", "class_positions", "read_removal", "refit_head"]
 
 
 @dataclass
