@@ -162,6 +162,24 @@ def test_ablation_table_values_and_failures(ablation_report: tuple[Path, str]) -
                 assert row["status"] == "failed" and row["test_err_mean"] == ""
 
 
+def test_ablation_pairs_every_change_in_every_context_per_seed(ablation_report: tuple[Path, str]) -> None:
+    """Each component's paper value against the alternative, the other two fixed: W–T–L and mean Δ over the seeds
+    both cells finished (digits relu-ce-none lost seed 1, pets relu-ce-none lost both: no row)."""
+    path, text = ablation_report
+    rows = {(r[0], r[1], r[2]): r[3:5] for r in md_table(text, "Each change in every context")}
+    assert rows["digits", "precond: kfac → none", "activation=leaky_relu, loss=mse"] == ["2–0–0", "+2.00"]
+    assert rows["digits", "activation: leaky_relu → relu", "loss=mse, precond=kfac"] == ["2–0–0", "+1.00"]
+    assert rows["pets", "activation: leaky_relu → relu", "loss=mse, precond=kfac"] == ["1–0–1", "+0.00"]
+    assert rows["digits", "precond: kfac → none", "activation=relu, loss=ce"] == ["1–0–0", "+7.00"]
+    assert ("pets", "precond: kfac → none", "activation=relu, loss=ce") not in rows
+    assert len(rows) == 2 * 3 * 4 - 3  # pets' relu-ce-none is in three pairs
+    per_seed = read_csv(path.parent / "ablation_paired.csv")
+    pair = rows_where(per_seed, data="pets", component="activation", held_fixed="loss=mse, precond=kfac")
+    assert [r["seed"] for r in pair] == ["0", "1"]
+    errors = [float(r[k]) for r in pair for k in ("paper_test_err", "alternative_test_err")]
+    assert errors == pytest.approx([20.0, 19.0, 20.0, 21.0])
+
+
 def test_ablation_relative_increase(ablation_report: tuple[Path, str]) -> None:
     path, text = ablation_report
     rel = read_csv(path.parent / "ablation_relative.csv")

@@ -2,7 +2,8 @@
 
 Means ± std over 3 seeds hide whether one method is ahead on every seed or on one lucky seed. Each method's grid point
 is the one Table 1 picked by validation; the pair of a seed is LQF's and the other method's test error on that seed
-(the same test set, so equal errors are the same number of wrong test images: a tie).
+(the same test set, so equal errors are the same number of wrong test images: a tie). The ablation pairs every
+one-component change of its factorial the same way.
 """
 
 from __future__ import annotations
@@ -63,3 +64,40 @@ def paired_section(picks: dict[tuple, Pick], datasets: Sequence, labels: Sequenc
     table = Table("paired", f"Paired per seed: {reference} vs each method", ["data set", "method", "W–T–L",
                                                                             "per seed (LQF vs method)"], rows, csv_rows)
     return [Section("Paired comparison per seed", [note], [table])]
+
+
+ABLATION_PAIRED_NOTE = (
+    "Each row changes one component away from the paper's value with the other two fixed, on the seeds both finished: "
+    "wins–ties–losses of the paper's value (a win: fewer wrong test images on that seed), the mean increase in test "
+    "error (points) the change causes (positive: the paper's value helps), and the errors per seed, paper's value "
+    "first. The removal table above compares against full LQF only; a component can help there and hurt elsewhere.")
+ABLATION_PAIRED_HEADER = ["data set", "change", "held fixed", "W–T–L", "Δ err (pt)", "per seed"]
+
+
+def ablation_paired_rows(picks: dict[tuple, Pick], datasets: Sequence, combos: Sequence[tuple],
+                         components: Sequence[str], paper: Sequence[str]) -> tuple[list[list[str]], list[dict]]:
+    """Markdown and CSV rows: every one-component change of the factorial, in every context of the other two,
+    paired per seed (``picks`` maps (data set, combination) to its cells)."""
+    rows, csv_rows = [], []
+    for d in datasets:
+        for i, component in enumerate(components):
+            for combo in (c for c in combos if c[i] == paper[i]):
+                for alternative in (c for c in combos if c[i] != paper[i] and _only_differs(c, combo, i)):
+                    ours, theirs = _per_seed(picks[d, combo]), _per_seed(picks[d, alternative])
+                    wins, ties, losses, seeds = paired_counts(ours, theirs)
+                    if not seeds:
+                        continue
+                    diff = sum(theirs[s] - ours[s] for s in seeds) / len(seeds)
+                    diff = 0.0 if abs(diff) < _TIE_TOLERANCE else diff  # equal counts: no "-0.00"
+                    context = ", ".join(f"{components[j]}={v}" for j, v in enumerate(combo) if j != i)
+                    per_seed = ", ".join(f"s{s}: {ours[s]:.2f} vs {theirs[s]:.2f}" for s in seeds)
+                    rows.append([d, f"{component}: {paper[i]} → {alternative[i]}", context, f"{wins}–{ties}–{losses}",
+                                 f"{diff:+.2f}", per_seed])
+                    csv_rows += [{"data": d, "component": component, "paper_value": paper[i],
+                                  "alternative": alternative[i], "held_fixed": context, "seed": s,
+                                  "paper_test_err": ours[s], "alternative_test_err": theirs[s]} for s in seeds]
+    return rows, csv_rows
+
+
+def _only_differs(a: tuple, b: tuple, index: int) -> bool:
+    return all(x == y for j, (x, y) in enumerate(zip(a, b, strict=True)) if j != index)

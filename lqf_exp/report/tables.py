@@ -8,7 +8,7 @@ from pathlib import Path
 
 from lqf_exp.report.collect import Cell
 from lqf_exp.report.markdown import Section, Table, fmt_num
-from lqf_exp.report.paired import paired_section
+from lqf_exp.report.paired import ABLATION_PAIRED_HEADER, ABLATION_PAIRED_NOTE, ablation_paired_rows, paired_section
 from lqf_exp.report.plots import box_plot
 from lqf_exp.report.stats import (
     HP_KEYS,
@@ -144,14 +144,17 @@ def _removed(combo: tuple, full: tuple) -> str:
     return ", ".join(names) if names else "— (full LQF)"
 
 
-def _ablation_rows(base: str, group: list[Cell], datasets: list, combos: list[tuple], full: tuple,
-                   prefix: list[str]) -> tuple:
-    """Markdown rows, CSV rows and plot values of one method's ablation against its ``full`` combination."""
-    swaps = removals(full)
-    picks = {
+def _ablation_picks(group: list[Cell], datasets: list, combos: list[tuple]) -> dict[tuple, Pick]:
+    return {
         (d, combo): Pick([c for c in group if c.get("data") == d and tuple(c.get(k) for k in COMPONENTS) == combo])
         for d, combo in itertools.product(datasets, combos)
     }
+
+
+def _ablation_rows(picks: dict[tuple, Pick], base: str, datasets: list, combos: list[tuple], full: tuple,
+                   prefix: list[str]) -> tuple:
+    """Markdown rows, CSV rows and plot values of one method's ablation against its ``full`` combination."""
+    swaps = removals(full)
     rows = [[*prefix, *combo, _removed(combo, full), *(picks[d, combo].text() for d in datasets)] for combo in combos]
     csv_rows = [
         {"method": base, "data": d, **dict(zip(COMPONENTS, combo, strict=True)), "removed": _removed(combo, full)}
@@ -205,8 +208,13 @@ def ablation_section(cells: Sequence[Cell], out_dir: Path) -> list[Section]:
     swaps = removals(full)
     multi = len(groups) > 1
     rows, csv_rows, rel_rows, rel_csv, boxes = [], [], [], [], {}
+    paired_rows, paired_csv = [], []
     for base, group in groups.items():
-        parts = _ablation_rows(base, group, datasets, combos, full, [base] if multi else [])
+        picks = _ablation_picks(group, datasets, combos)
+        parts = _ablation_rows(picks, base, datasets, combos, full, [base] if multi else [])
+        paired = ablation_paired_rows(picks, datasets, combos, COMPONENTS, full)
+        paired_rows += [[base, *row] if multi else row for row in paired[0]]
+        paired_csv += [{"method": base, **row} for row in paired[1]]
         rows += parts[0]
         csv_rows += parts[1]
         rel_rows += parts[2]
@@ -224,4 +232,10 @@ def ablation_section(cells: Sequence[Cell], out_dir: Path) -> list[Section]:
         f"Full LQF = {' + '.join(full)}. Relative increase = (err_ablated − err_full)/err_full in %, per data "
         "set, and its median over data sets (n = data sets with both values). Positive: the component helps.",
     ]
-    return [Section("Ablation (Fig. 2)", notes, [table, rel_table], [plot.name])]
+    sections = [Section("Ablation (Fig. 2)", notes, [table, rel_table], [plot.name])]
+    if paired_rows:
+        header = [*method_col, *ABLATION_PAIRED_HEADER]
+        caption = "Each change in every context, paired per seed"
+        paired_table = Table("ablation_paired", caption, header, paired_rows, paired_csv)
+        sections.append(Section("Ablation, paired per seed", [ABLATION_PAIRED_NOTE], [paired_table]))
+    return sections
