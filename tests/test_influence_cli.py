@@ -23,7 +23,7 @@ from lqf_exp.influence.outputs import write_outputs
 from lqf_exp.influence.run_dir import scores
 from lqf_exp.influence.summarize import summarize
 from lqf_exp.pipeline import run
-from lqf_exp.results import read_test_predictions
+from lqf_exp.results import changed_predictions, read_test_predictions
 from lqf_exp.tracking import stable_run_id
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -118,6 +118,9 @@ def test_summarization_drops_by_informativeness_and_plots(run_dir: Path) -> None
         if float(row["fraction"]) == 0:
             assert row["changed"] == "0"
             full_errors = errors
+            # The run took the dual closed form, so its cells do: nothing dropped is the run itself, exactly.
+            assert metrics["solver"]["solver"] == "kernel"
+            assert changed_predictions(read_test_predictions(run_dir), read_test_predictions(cell)) == 0
         else:  # a changed error count needs at least that many changed predictions
             assert int(row["changed"]) >= abs(errors - full_errors)
 

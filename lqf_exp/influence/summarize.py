@@ -8,7 +8,9 @@ dropped, one curve per order, seeds as error bars:
 Each cell is an ordinary run (``<run dir>/summarize/<order>-<fraction>/seed<s>``, resumable, skipped once finished)
 composed from the run's own overrides plus ``data.drop=<index file>``, the run's λ (``method.weight_decay``: only
 the data changes between cells) and its k-shot subset (``data.shots_seed``); the seed changes the batch order only,
-so on this convex problem the error bars are small by construction.
+so on this convex problem the error bars are small by construction. A run that took the dual closed form (λ by
+leave-one-out) has its cells solved by it too (``solver=kernel``): an iterative solve to the 1% gap at the pinned λ
+would change test predictions by its tolerance alone, and the cells would not measure the data.
 """
 
 from __future__ import annotations
@@ -46,13 +48,20 @@ def _read_fsi(run_dir: Path) -> list[float]:
         return [float(row["fsi"]) for row in csv.DictReader(handle)]
 
 
-def _run_overrides(run_dir: Path) -> list[str]:
+def _exact_solver(metrics: dict[str, Any]) -> list[str]:
+    """``solver=kernel`` where the run's own solution was the dual closed form, else nothing (its own solver)."""
+    selection = (metrics.get("solver") or {}).get("weight_decay_selection") or {}
+    return ["solver=kernel"] if selection.get("method") == "leave-one-out" else []
+
+
+def _run_overrides(run_dir: Path, drop: set[str]) -> list[str]:
     path = run_dir / ".hydra" / "overrides.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: summarization re-composes the run from its command-line "
                                 "overrides, so the run must come from `python run.py`")
     overrides = yaml.safe_load(path.read_text()) or []
-    return [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in {p.lstrip("+") for p in PINNED}]
+    pinned = {p.lstrip("+") for p in (*PINNED, *drop)}
+    return [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in pinned]
 
 
 def _drop_file(out: Path, order: str, fraction: float, fsi: list[float]) -> Path | None:
@@ -110,8 +119,10 @@ def summarize(run_dir: Path, fractions: list[float], seeds: list[int], out: Path
                          f"{len(finished.datamodule.train_dataset)}: recompute it")  # type: ignore[arg-type]
     out = out or run_dir / "summarize"
     out.mkdir(parents=True, exist_ok=True)
-    base = _run_overrides(run_dir) + [f"data.shots_seed={finished.datamodule.shots_seed}",
-                                      f"method.weight_decay={finished.weight_decay}", "logger=csv"]
+    solver = _exact_solver(finished.metrics)
+    base = _run_overrides(run_dir, {"solver"} if solver else set()) + solver + [
+        f"data.shots_seed={finished.datamodule.shots_seed}", f"method.weight_decay={finished.weight_decay}",
+        "logger=csv"]
     rows = []
     for fraction in fractions:
         for order in ORDERS:
