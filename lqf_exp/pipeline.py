@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from lqf_exp.builders import build, build_module, run_factors
+from lqf_exp.code_version import code_version
 from lqf_exp.data import ClassificationDataModule
 from lqf_exp.methods import ClassifierModule
 from lqf_exp.models import save_network_checkpoint
@@ -166,6 +167,7 @@ def _train_and_test(
         "duration_s": round(time.time() - started, 2),
         "output_dir": str(output_dir),
         "device": "cuda" if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else "cpu",
+        "code": code_version(),  # the commit that made this result (reports count their cells by it)
     }
     payload.update(module.run_summary())
     if trainer.is_global_zero:
@@ -191,6 +193,7 @@ def _record_divergence(
         "epochs": trainer.current_epoch,
         "duration_s": round(time.time() - started, 2),
         "output_dir": str(output_dir),
+        "code": code_version(),
     }
     atomic_write_json(output_dir / METRICS_FILE, payload)
     print(f"DIVERGED: {error}\n(results in {output_dir / METRICS_FILE})")

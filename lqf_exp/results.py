@@ -11,6 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+from lqf_exp.code_version import code_version
+
 METRICS_FILE = "metrics.json"
 ERROR_FILE = "error.json"
 FINAL_CHECKPOINT = "final.ckpt"  # the weights at the end of fit of a method tested on them (LQF)
@@ -69,6 +71,7 @@ def write_error(output_dir: Path, error: BaseException, factors: dict[str, Any])
             "error": f"{type(error).__name__}: {error}",
             "traceback": "".join(traceback.format_exception(error)),
             "factors": factors,
+            "code": code_version(),
         },
     )
 

@@ -96,6 +96,20 @@ def test_commands_given_on_the_command_line_replace_multirun_yaml(tmp_path: Path
     capsys.readouterr()
 
 
+def test_header_counts_the_cells_of_each_code_version(tmp_path: Path) -> None:
+    """Cells made by different code cannot pass for one another: the header counts them per commit."""
+    sweep = tmp_path / "sweep"
+    versions = [{"commit": "a" * 40, "uncommitted_files": 0}] * 3 + [{"commit": "b" * 40, "uncommitted_files": 2}]
+    for i, version in enumerate([*versions, None]):
+        cell = write_cell(sweep, f"c{i}", 5.0, seed=i)
+        payload = json.loads((cell / "metrics.json").read_text())
+        (cell / "metrics.json").write_text(json.dumps({**payload, **({"code": version} if version else {})}))
+    write_cell(sweep, "failed", error="ValueError: boom", seed=9)
+    fields = header(write_report(sweep))
+    assert fields["Cells made by code"] == (f"`{'a' * 10}` (3), not recorded (2), `{'b' * 10}` with uncommitted "
+                                            "changes to 2 tracked file(s) (1).")
+
+
 def test_unknown_outside_a_checkout_and_without_multirun(tmp_path: Path) -> None:
     assert provenance.code_commit(tmp_path) == "unknown"
     sweep = tmp_path / "sweep"

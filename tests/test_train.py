@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
+from lqf_exp.code_version import PACKAGE_ROOT
 from lqf_exp.pipeline import run
 from lqf_exp.report.collect import FACTOR_KEYS as REPORT_FACTOR_KEYS
 from lqf_exp.results import ERROR_FILE, METRICS_FILE, atomic_write_json
@@ -17,6 +19,20 @@ from .conftest import SMOKE
 
 # metrics.json's factors are the report's factor columns, no more and no fewer.
 FACTOR_KEYS = set(REPORT_FACTOR_KEYS)
+
+
+def expected_code() -> dict | None:
+    """The code version a run must record, by git itself: None where the tests run outside a checkout."""
+    def git(*args: str) -> str | None:
+        done = subprocess.run(["git", *args], cwd=PACKAGE_ROOT, capture_output=True, text=True, check=False)
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    top = git("rev-parse", "--show-toplevel")
+    if top is None or Path(top).resolve() != PACKAGE_ROOT:
+        return None
+    changed = git("diff", "HEAD", "--name-only", "--", ".", ":!docs/results") or ""
+    return {"commit": git("log", "-1", "--format=%H", "--", ".", ":!docs/results"),
+            "uncommitted_files": len(changed.splitlines())}
 
 
 @pytest.mark.parametrize("method", ["finetune", "probe"])
@@ -34,6 +50,7 @@ def test_one_batch_run(method: str, loss: str, activation: str, make_cfg, tmp_pa
     assert 0.0 <= written["metrics"]["test/acc"] <= 1.0
     assert {"val/acc", "val/loss", "test/acc", "test/loss"} <= set(written["metrics"])
     assert (tmp_path / "run" / "config_resolved.yaml").is_file()
+    assert written["code"] == expected_code()  # which code made the result
     # A probe is solved before its first step: nothing to resume, so no checkpoint.
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file() == (method == "finetune")
 
@@ -79,6 +96,7 @@ def test_failed_run_records_its_error(make_cfg, tmp_path: Path) -> None:
         run(cfg)
     error = json.loads((tmp_path / "run" / ERROR_FILE).read_text())
     assert error["status"] == "failed" and "100000" in error["error"]
+    assert error["code"] == expected_code()
     assert not (tmp_path / "run" / METRICS_FILE).exists()
 
 

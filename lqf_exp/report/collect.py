@@ -39,6 +39,7 @@ class Cell:
     steps: int | None = None  # optimizer steps (LQF: solver steps; 0 for a closed-form fit)
     duration_s: float | None = None
     device: str | None = None  # "cpu" or "cuda": where it ran (the report header counts them; not a CSV column)
+    code: dict[str, Any] | None = None  # metrics.json's code version (the header counts cells by it; not a CSV column)
     solver: dict[str, Any] = field(default_factory=dict)  # an LQF solve's record: objective, passes, chosen λ
 
     def get(self, key: str) -> Any:
@@ -162,17 +163,19 @@ def _read_cell(cell_dir: Path, sweep_dir: Path) -> Cell | None:
             steps=payload.get("steps"),
             duration_s=payload.get("duration_s"),
             device=payload.get("device"),
+            code=payload.get("code"),
             solver=dict(payload.get("solver") or {}),
         )
     if payload is not None and payload.get("status") == "diverged":
         factors = _with_bn(dict(payload.get("factors") or {}), cell_dir)
         return Cell(cell_dir, name, "diverged", factors, error=str(payload.get("error") or "diverged"),
                     epochs=payload.get("epochs"), steps=payload.get("steps"), duration_s=payload.get("duration_s"),
-                    device=payload.get("device"))
+                    device=payload.get("device"), code=payload.get("code"))
     failure = _read_json(error_path) if error_path.is_file() else None
     if failure is not None:
         factors = _with_bn(dict(failure.get("factors") or {}) or factors_from_config(cell_dir), cell_dir)
-        return Cell(cell_dir, name, "failed", factors, error=str(failure.get("error") or "unknown error"))
+        return Cell(cell_dir, name, "failed", factors, error=str(failure.get("error") or "unknown error"),
+                    code=failure.get("code"))
     if metrics_path.is_file() or error_path.is_file():
         note = "unreadable or unfinished " + (METRICS_FILE if metrics_path.is_file() else ERROR_FILE)
     else:

@@ -9,41 +9,22 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import subprocess
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-# The checkout this package was imported from (lqf_exp/report/provenance.py → the repository root).
-PACKAGE_ROOT = Path(__file__).resolve().parents[2]
-# The commit that last touched the code, not the committed results a reproduction rewrites.
-GIT_LOG = ("git", "log", "-1", "--format=%H", "--", ".", ":!docs/results")
+from lqf_exp.code_version import PACKAGE_ROOT, code_version, describe
+
 # An absolute POSIX path of two or more components, not part of a relative path, a URL or a number ratio.
 _ABSOLUTE = re.compile(r"(?<![\w.~:/\-])/(?:[^\s/'\"`,;:()\[\]{}<>|*]+/)+[^\s/'\"`,;:()\[\]{}<>|*]*")
-
-
-def _git(root: Path, *args: str) -> str | None:
-    try:
-        done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=20, check=False)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout.strip() if done.returncode == 0 else None
 
 
 def code_commit(root: Path = PACKAGE_ROOT) -> str:
     """The commit of the code (``git log -1 -- . ':!docs/results'``), noting uncommitted changes to tracked code;
     "unknown" when the package does not sit at the top of a git checkout (e.g. installed into site-packages)."""
-    top = _git(root, "rev-parse", "--show-toplevel")
-    if top is None or Path(top).resolve() != root.resolve():
-        return "unknown"
-    commit = _git(root, *GIT_LOG[1:])
-    if not commit:
-        return "unknown"
-    changed = _git(root, "status", "--porcelain", "--untracked-files=no", "--", ".", ":!docs/results")
-    dirty = len(changed.splitlines()) if changed else 0
-    return f"`{commit}`" + (f" with uncommitted changes to {dirty} tracked file(s)" if dirty else "")
+    return describe(code_version(root))
 
 
 def machine_kind() -> str:
@@ -106,9 +87,19 @@ def strip_row_paths(rows: Iterable[dict[str, Any]], sweep: Path) -> list[dict[st
     return [{k: strip_paths(v, sweep) if isinstance(v, str) else v for k, v in row.items()} for row in rows]
 
 
+def cells_code_line(versions: Sequence[dict[str, Any] | None]) -> str:
+    """How many cells each version of the code made (``metrics.json``'s ``code``), most first; cells written before
+    runs recorded it, or outside a checkout, count as "not recorded"."""
+    names = [describe(v, short=True) if v else "not recorded" for v in versions]
+    counts = sorted({n: names.count(n) for n in names}.items(), key=lambda item: (-item[1], item[0]))
+    return "- Cells made by code: " + ", ".join(f"{n} ({c})" for n, c in counts) + "."
+
+
 def provenance_lines(sweep: Path, report_command: str, commands: Sequence[str] = (),
-                     devices: Sequence[str | None] = ()) -> list[str]:  # fmt: skip
-    """The Markdown bullets of the report header that say where it comes from."""
+                     devices: Sequence[str | None] = (),
+                     versions: Sequence[dict[str, Any] | None] | None = None) -> list[str]:  # fmt: skip
+    """The Markdown bullets of the report header that say where it comes from (``versions``: the code version of
+    each cell, when the report has cells)."""
     given = list(commands)
     found = given or sweep_commands(sweep)
     source = ("given to the report" if given else "from Hydra's multirun.yaml: the last multirun into each directory")
@@ -121,9 +112,9 @@ def provenance_lines(sweep: Path, report_command: str, commands: Sequence[str] =
     ran_on = sorted({d for d in devices if d})
     counts = ", ".join(f"{d} ({sum(x == d for x in devices)})" for d in ran_on)
     return [
-        # The cells record no commit of their own: a sweep reported later under newer code shows the newer commit.
         f"- Code: commit {code_commit()} (`git log -1 -- . ':!docs/results'` of the package's checkout when this "
         "report was written).",
+        *([cells_code_line(versions)] if versions else []),
         *lines,
         f"- Report command: `{report_command}`",
         f"- Machine: {machine_kind()} (where this report was written)"

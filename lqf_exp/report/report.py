@@ -156,7 +156,8 @@ def write_report(sweep_dir: str | os.PathLike[str], out_dir: str | os.PathLike[s
     if not cells:
         sections.insert(0, Section("No cells", [f"No metrics.json, error.json or config under `{shown_path(sweep)}`."]))
     commands = [command] if isinstance(command, str) else list(command or [])
-    provenance = provenance_lines(sweep, _report_command(sweep, out_dir, kind), commands, [c.device for c in cells])
+    provenance = provenance_lines(sweep, _report_command(sweep, out_dir, kind), commands, [c.device for c in cells],
+                                  [c.code for c in cells if c.status != "missing"])
     parts = [_header(sweep, cells, kinds, kind, provenance), *(s.markdown() for s in sections), _failures(cells)]
     path = out / "report.md"
     path.write_text(strip_paths("\n\n".join(parts), sweep) + "\n")
