@@ -316,6 +316,18 @@ def test_paired_wins_ties_losses_per_seed(tmp_path: Path) -> None:
     assert outcomes == ["win", "tie", "loss"]
 
 
+def test_selected_grid_point_shows_each_methods_own_factors(tmp_path: Path) -> None:
+    """A solved LQF has MSE's α and no lr; NLFT has lr and wd and no α: each shows its own (was a KeyError)."""
+    sweep = tmp_path / "table1"
+    write_cell(sweep, "lqf-s0", 5.0, recipe="lqf", lr=None, weight_decay="auto", target_scale=15.0)
+    for lr in (0.01, 0.001):
+        write_cell(sweep, f"nlft-{lr}-s0", 6.0, val=0.9 if lr == 0.01 else 0.5, recipe="nlft", method="finetune",
+                   loss="ce", lr=lr, target_scale=None)
+    text = write_report(sweep, kind="table1").read_text()
+    (row,) = md_table(text, "Selected grid point")
+    assert row == ["digits", "lr=0.01, wd=1e-04", "wd=auto, α=15"]
+
+
 def test_lowshot_values(tmp_path: Path) -> None:
     errs = {"lqf": {1: [40, 44], 5: [20, 22], None: [5, 7]}, "finetune": {1: [50, 50], 5: [20, 20], None: [4, 4]}}
     for method, per_shots in errs.items():

@@ -69,8 +69,10 @@ def _bold_best(texts: list[str], picks: list[Pick]) -> list[str]:
 def _hp_text(pick: Pick, varying: Sequence[str]) -> str:
     if pick.best_key is None:
         return pick.text().split(" (")[0]
-    names = {"lr": "lr", "weight_decay": "wd", "batch_size": "bs", "momentum": "m"}
-    return ", ".join(f"{names[k]}={fmt_num(pick.hp[k])}" for k in varying)
+    names = {"lr": "lr", "weight_decay": "wd", "batch_size": "bs", "momentum": "m", "target_scale": "α"}
+    # A method without a factor (no lr for a solved method, no α for cross-entropy) shows none for it.
+    shown = [f"{names.get(k, k)}={fmt_num(pick.hp[k])}" for k in varying if pick.hp[k] is not None]
+    return ", ".join(shown) or "—"
 
 
 def table1_section(cells: Sequence[Cell], out_dir: Path) -> list[Section]:
