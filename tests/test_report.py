@@ -328,6 +328,23 @@ def test_selected_grid_point_shows_each_methods_own_factors(tmp_path: Path) -> N
     assert row == ["digits", "lr=0.01, wd=1e-04", "wd=auto, α=15"]
 
 
+def test_a_grid_point_with_a_diverged_seed_is_not_picked(tmp_path: Path) -> None:
+    """lr 0.05 has the best validation accuracy on the seeds that survived but diverged on seed 2: lr 0.01 is picked."""
+    sweep = tmp_path / "table1"
+    for seed in range(3):
+        write_cell(sweep, f"lqf-s{seed}", 5.0, recipe="lqf", seed=seed)
+        write_cell(sweep, f"nlft-0.01-s{seed}", 7.0, val=0.8, recipe="nlft", method="finetune", lr=0.01, seed=seed)
+        cell = write_cell(sweep, f"nlft-0.05-s{seed}", 4.0, val=0.95, recipe="nlft", method="finetune", lr=0.05,
+                          seed=seed)
+        if seed == 2:
+            payload = json.loads((cell / "metrics.json").read_text())
+            payload.update(status="diverged", metrics={}, error="training loss nan")
+            (cell / "metrics.json").write_text(json.dumps(payload))
+    write_report(sweep, kind="table1")
+    (nlft,) = rows_where(read_csv(sweep / "report" / "table1.csv"), method="nlft")
+    assert float(nlft["lr"]) == 0.01 and float(nlft["test_err_mean"]) == pytest.approx(7.0) and nlft["n"] == "3"
+
+
 def test_lowshot_values(tmp_path: Path) -> None:
     errs = {"lqf": {1: [40, 44], 5: [20, 22], None: [5, 7]}, "finetune": {1: [50, 50], 5: [20, 20], None: [4, 4]}}
     for method, per_shots in errs.items():

@@ -82,8 +82,13 @@ class Pick:
     best_key: tuple | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
-        self.points = {key: Stats.of(group) for key, group in group_by(self.cells, self.grid).items()}
-        ranked = [(s.val if s.val is not None else float("-inf"), key) for key, s in self.points.items() if s.n]
+        groups = group_by(self.cells, self.grid)
+        self.points = {key: Stats.of(group) for key, group in groups.items()}
+        # A point on which a seed diverged ranks below every point on which none did: its mean validation accuracy
+        # over the seeds that survived would hide that the setting fails (a user with those seeds would not pick it).
+        stable = {key: not any(c.status == "diverged" for c in group) for key, group in groups.items()}
+        ranked = [((stable[key], s.val if s.val is not None else float("-inf")), key)
+                  for key, s in self.points.items() if s.n]
         if ranked:
             # max() keeps the first of equal scores, so ties go to the first grid point in sorted order.
             self.best_key = max(ranked, key=lambda item: item[0])[1]
