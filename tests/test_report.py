@@ -340,9 +340,11 @@ def test_a_grid_point_with_a_diverged_seed_is_not_picked(tmp_path: Path) -> None
             payload = json.loads((cell / "metrics.json").read_text())
             payload.update(status="diverged", metrics={}, error="training loss nan")
             (cell / "metrics.json").write_text(json.dumps(payload))
-    write_report(sweep, kind="table1")
+    text = write_report(sweep, kind="table1").read_text()
     (nlft,) = rows_where(read_csv(sweep / "report" / "table1.csv"), method="nlft")
     assert float(nlft["lr"]) == 0.01 and float(nlft["test_err_mean"]) == pytest.approx(7.0) and nlft["n"] == "3"
+    # Divergences are counted by grid point in the table, not listed message by message.
+    assert md_table(text, "Table 1")[0][1] == "7.00 ± 0.00 (n=3) [1 diverged (lr=0.05: 1)]"
 
 
 def test_lowshot_values(tmp_path: Path) -> None:

@@ -116,12 +116,26 @@ class Pick:
             return "finished"
         return "failed" if self.failed else "missing"
 
+    def _diverged_text(self) -> str | None:
+        """E.g. ``6 diverged (lr=0.05: 3, lr=0.01: 3)``: by grid point, as their messages differ only in the step."""
+        diverged = [c for c in self.failed if c.status == "diverged"]
+        if not diverged:
+            return None
+        varying = [k for k in self.grid if len({c.get(k) for c in self.cells}) > 1]
+        where = ", ".join(f"{', '.join(f'{k}={v}' for k, v in zip(varying, key, strict=True))}: {len(group)}"
+                          for key, group in group_by(diverged, varying).items()) if varying else ""
+        return f"{len(diverged)} diverged" + (f" ({where})" if where else "")
+
+    def _failure_texts(self) -> list[str]:
+        """The distinct errors of the failed (not diverged) cells."""
+        return sorted({short_error(c) for c in self.failed if c.status != "diverged"})
+
     def note(self) -> str:
-        """Failed and missing runs of this group, e.g. ``1 failed: ValueError: boom; 1 missing``."""
-        parts = []
-        if self.failed:
-            errors = sorted({short_error(c) for c in self.failed})
-            parts.append(f"{len(self.failed)} failed: " + " / ".join(errors))
+        """Diverged, failed and missing runs of this group, e.g. ``6 diverged (lr=0.05: 3, lr=0.01: 3); 1 failed:
+        ValueError: boom; 1 missing``."""
+        parts = [text] if (text := self._diverged_text()) else []
+        if errors := self._failure_texts():
+            parts.append(f"{sum(c.status != 'diverged' for c in self.failed)} failed: " + " / ".join(errors))
         if self.missing:
             parts.append(f"{len(self.missing)} missing")
         return "; ".join(parts)
@@ -130,9 +144,8 @@ class Pick:
         if not self.cells:
             return "missing"
         if self.status == "failed":
-            return f"FAILED ({' / '.join(sorted({short_error(c) for c in self.failed}))})" + (
-                f"; {len(self.missing)} missing" if self.missing else ""
-            )
+            reasons = [*self._failure_texts(), *([text] if (text := self._diverged_text()) else [])]
+            return f"FAILED ({' / '.join(reasons)})" + (f"; {len(self.missing)} missing" if self.missing else "")
         if self.status == "missing":
             return f"missing ({len(self.missing)} run{'s' if len(self.missing) > 1 else ''} pending)"
         note = self.note()
