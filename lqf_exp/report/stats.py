@@ -15,7 +15,7 @@ HP_KEYS = ("lr", "weight_decay", "batch_size", "momentum", "target_scale")  # ta
 EXTRA_KEYS = ("task", "model", "weights", "activation", "loss", "precond", "linearize", "shots", "method", "bn",
               "lambda_rule")
 # Column order of the paper's Tables 1 and 2 (MPN-COV and B-LQF: Table 2); other labels follow alphabetically.
-METHOD_ORDER = ("nlft", "finetune", "mpn_cov", "b_lqf", "lqf", "lqf_fc", "gaf", "probe", "fc")
+METHOD_ORDER = ("nlft", "finetune", "lpft", "mpn_cov", "b_lqf", "lqf", "lqf_fc", "gaf", "probe", "fc")
 MAX_ERROR_CHARS = 70
 
 
