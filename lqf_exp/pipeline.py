@@ -134,7 +134,7 @@ def _train_and_test(
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
     except DivergenceError as error:
-        _record_divergence(output_dir, factors, module, error, started, trainer)
+        _record_divergence(output_dir, factors, module, error, trainer, _run_record(cfg, output_dir, started))
         raise
     fit_metrics = dict(trainer.callback_metrics)
 
@@ -164,10 +164,7 @@ def _train_and_test(
         "data": datamodule.describe(),
         "epochs": trainer.current_epoch,
         "steps": trainer.global_step,
-        "duration_s": round(time.time() - started, 2),
-        "output_dir": str(output_dir),
-        "device": "cuda" if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else "cpu",
-        "code": code_version(),  # the commit that made this result (reports count their cells by it)
+        **_run_record(cfg, output_dir, started),
     }
     payload.update(module.run_summary())
     if trainer.is_global_zero:
@@ -176,9 +173,20 @@ def _train_and_test(
     return payload
 
 
+def _run_record(cfg: DictConfig, output_dir: Path, started: float) -> dict[str, Any]:
+    """What every metrics.json says about its run, finished or diverged: how long, where, on what and by which code
+    (the commit: reports count their cells by it)."""
+    return {
+        "duration_s": round(time.time() - started, 2),
+        "output_dir": str(output_dir),
+        "device": "cuda" if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else "cpu",
+        "code": code_version(),
+    }
+
+
 def _record_divergence(
-    output_dir: Path, factors: dict[str, Any], module: ClassifierModule, error: DivergenceError, started: float,
-    trainer: pl.Trainer,
+    output_dir: Path, factors: dict[str, Any], module: ClassifierModule, error: DivergenceError, trainer: pl.Trainer,
+    record: dict[str, Any],
 ) -> None:
     """A diverged solve is a result, not a crash: metrics.json says so (sweeps and reports mark the cell)."""
     if not trainer.is_global_zero:
@@ -191,9 +199,7 @@ def _record_divergence(
         "metrics": {},
         **module.run_summary(),
         "epochs": trainer.current_epoch,
-        "duration_s": round(time.time() - started, 2),
-        "output_dir": str(output_dir),
-        "code": code_version(),
+        **record,
     }
     atomic_write_json(output_dir / METRICS_FILE, payload)
     print(f"DIVERGED: {error}\n(results in {output_dir / METRICS_FILE})")

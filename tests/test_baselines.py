@@ -99,6 +99,8 @@ def test_a_fine_tuning_blow_up_is_recorded_as_diverged(make_cfg, tmp_path: Path)
         run(make_cfg([*SMOKE, "method=finetune", "optim.lr=1e12", "trainer.limit_train_batches=5"]))
     written = json.loads((tmp_path / "run" / METRICS_FILE).read_text())
     assert written["status"] == "diverged" and "optim.lr" in written["error"]
+    # Where and by which code, as a finished run records it (the report header counts cells by both).
+    assert written["device"] == "cpu" and set(written) >= {"code", "duration_s", "output_dir"}
 
 
 def test_schedules_are_fractions_of_the_run() -> None:
