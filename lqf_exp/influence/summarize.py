@@ -54,13 +54,14 @@ def _exact_solver(metrics: dict[str, Any]) -> list[str]:
     return ["solver=kernel"] if selection.get("method") == "leave-one-out" else []
 
 
-def _run_overrides(run_dir: Path, drop: set[str]) -> list[str]:
+def _run_overrides(run_dir: Path, also_pinned: set[str]) -> list[str]:
+    """The run's command-line overrides without the keys every cell sets itself (PINNED and ``also_pinned``)."""
     path = run_dir / ".hydra" / "overrides.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: summarization re-composes the run from its command-line "
                                 "overrides, so the run must come from `python run.py`")
     overrides = yaml.safe_load(path.read_text()) or []
-    pinned = {p.lstrip("+") for p in (*PINNED, *drop)}
+    pinned = {p.lstrip("+") for p in (*PINNED, *also_pinned)}
     return [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in pinned]
 
 
