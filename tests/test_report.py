@@ -347,6 +347,23 @@ def test_a_grid_point_with_a_diverged_seed_is_not_picked(tmp_path: Path) -> None
     assert md_table(text, "Table 1")[0][1] == "7.00 ± 0.00 (n=3) [1 diverged (lr=0.05: 1)]"
 
 
+def test_equal_validation_counts_tie_whatever_float32_rounding_says(tmp_path: Path) -> None:
+    """Two lr points with 213 of 250 validation images right over 5 seeds, stored as float32 fractions whose means
+    differ in the 8th digit (the lowshot_why cells of fmnist_target at 10 shots): a tie, so the first grid point in
+    sorted order (lr 0.001) is picked, not the one that float32 rounding favours."""
+    sweep = tmp_path / "lowshot"
+    vals = {0.001: [0.8999999761581421, 0.8399999737739563, 0.800000011920929, 0.8399999737739563, 0.8799999952316284],
+            0.01: [0.8999999761581421, 0.8600000143051147, 0.800000011920929, 0.8399999737739563, 0.8600000143051147]}
+    assert statistics.fmean(vals[0.01]) > statistics.fmean(vals[0.001])
+    for lr, errs in ((0.001, 20.0), (0.01, 16.0)):
+        for seed, val in enumerate(vals[lr]):
+            write_cell(sweep, f"nlft-{lr}-s{seed}", errs, val, recipe="nlft", method="finetune", lr=lr, seed=seed,
+                       shots=10)
+    write_report(sweep, kind="lowshot")
+    (row,) = rows_where(read_csv(sweep / "report" / "lowshot.csv"), method="nlft")
+    assert float(row["test_err_mean"]) == pytest.approx(20.0)
+
+
 def test_lowshot_values(tmp_path: Path) -> None:
     errs = {"lqf": {1: [40, 44], 5: [20, 22], None: [5, 7]}, "finetune": {1: [50, 50], 5: [20, 20], None: [4, 4]}}
     for method, per_shots in errs.items():

@@ -17,6 +17,10 @@ EXTRA_KEYS = ("task", "model", "weights", "activation", "loss", "precond", "line
 # Column order of the paper's Tables 1 and 2 (MPN-COV and B-LQF: Table 2); other labels follow alphabetically.
 METHOD_ORDER = ("nlft", "finetune", "lpft", "mpn_cov", "b_lqf", "lqf", "lqf_fc", "gaf", "probe", "fc")
 MAX_ERROR_CHARS = 70
+# Validation accuracies are float32 fractions of a few hundred images at most: two grid points with the same number of
+# correct images can differ in the 8th digit of their seed mean (0.85199998 vs 0.85199999 for 213 of 250), so their
+# means are compared at this many decimals and an equal count is a tie, not a win decided by rounding.
+VAL_DECIMALS = 6
 
 
 def order_key(value: Any) -> tuple[int, Any]:
@@ -87,7 +91,7 @@ class Pick:
         # A point on which a seed diverged ranks below every point on which none did: its mean validation accuracy
         # over the seeds that survived would hide that the setting fails (a user with those seeds would not pick it).
         stable = {key: not any(c.status == "diverged" for c in group) for key, group in groups.items()}
-        ranked = [((stable[key], s.val if s.val is not None else float("-inf")), key)
+        ranked = [((stable[key], round(s.val, VAL_DECIMALS) if s.val is not None else float("-inf")), key)
                   for key, s in self.points.items() if s.n]
         if ranked:
             # max() keeps the first of equal scores, so ties go to the first grid point in sorted order.

@@ -26,8 +26,9 @@ from lqf_exp.report.stats import (
 SELECTION_NOTE = (
     "Each entry is the best point of the optimization grid (lr × weight_decay, and batch_size/momentum where they "
     "vary), chosen by **validation** accuracy (`val/acc_best`, else `val/acc`) averaged over seeds, never by test "
-    "accuracy; a point on which any seed diverged ranks below every point on which none did. It shows test error (%) "
-    "= 100·(1 − test/acc) as mean ± sample std over the seeds of that point, n = number of finished seeds (± 0.00 "
+    "accuracy; a point on which any seed diverged ranks below every point on which none did, and equal accuracies "
+    "(the same number of images right) go to the first point in sorted order (the smallest lr). It shows test error "
+    "(%) = 100·(1 − test/acc) as mean ± sample std over the seeds of that point, n = number of finished seeds (± 0.00 "
     "with n=1: a single seed, no spread)."
 )
 COMPONENTS = ("activation", "loss", "precond")
