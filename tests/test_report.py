@@ -386,6 +386,13 @@ def test_lowshot_values(tmp_path: Path) -> None:
     assert table[0] == ["digits", "1", "50.00 ± 0.00 (n=2)", f"42.00 ± {math.sqrt(8):.2f} (n=2)"]
     assert [r[1] for r in table] == ["1", "5", "full"]
     assert_png(path.parent / "lowshot.png")
+    # Each seed draws its own k-shot subset, the same for every method: LQF is paired with fine-tuning per seed.
+    paired = md_table(path.read_text(), "Paired per seed")
+    assert [r[:4] for r in paired] == [["digits", "1", "finetune", "2–0–0"], ["digits", "5", "finetune", "0–1–1"],
+                                       ["digits", "full", "finetune", "0–0–2"]]
+    outcomes = [(r["shots"], r["seed"], r["outcome"]) for r in read_csv(path.parent / "paired.csv")]
+    assert outcomes == [("1", "0", "win"), ("1", "1", "win"), ("5", "0", "tie"), ("5", "1", "loss"),
+                        ("full", "0", "loss"), ("full", "1", "loss")]
 
 
 def test_lowshot_picks_alpha_on_validation_and_keeps_lambda_rules_apart(tmp_path: Path) -> None:

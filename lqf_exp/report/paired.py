@@ -8,7 +8,8 @@ one-component change of its factorial the same way.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from lqf_exp.report.markdown import Section, Table
 from lqf_exp.report.stats import Pick, label_base
@@ -38,22 +39,26 @@ def paired_counts(lqf: dict[int, float], other: dict[int, float]) -> tuple[int, 
     return wins, len(seeds) - wins - losses, losses, seeds
 
 
-def paired_section(picks: dict[tuple, Pick], datasets: Sequence, labels: Sequence[str]) -> list[Section]:
-    """One row per data set and method: LQF's wins–ties–losses and the per-seed errors behind them."""
+def paired_section(picks: dict[tuple, Pick], datasets: Sequence, labels: Sequence[str],
+                   row_fields: Callable[[Any], dict[str, Any]] = lambda d: {"data": d}) -> list[Section]:
+    """One row per data set and method: LQF's wins–ties–losses and the per-seed errors behind them. ``datasets``
+    are the first half of the keys of ``picks`` (a data set, or e.g. (data set, shots)); ``row_fields`` names their
+    parts for the CSV."""
     reference = next((m for m in labels if label_base(m) == REFERENCE), None)
     if reference is None:
         return []
     rows, csv_rows = [], []
     for d in datasets:
         ours = _per_seed(picks[d, reference])
+        fields = row_fields(d)
         for m in (m for m in labels if m != reference):
             theirs = _per_seed(picks[d, m])
             wins, ties, losses, seeds = paired_counts(ours, theirs)
             if not seeds:
                 continue
             per_seed = ", ".join(f"s{s}: {ours[s]:.2f} vs {theirs[s]:.2f}" for s in seeds)
-            rows.append([d, m, f"{wins}–{ties}–{losses}", per_seed])
-            csv_rows += [{"data": d, "method": m, "reference": reference, "seed": s, "reference_test_err": ours[s],
+            rows.append([*(str(v) for v in fields.values()), m, f"{wins}–{ties}–{losses}", per_seed])
+            csv_rows += [{**fields, "method": m, "reference": reference, "seed": s, "reference_test_err": ours[s],
                           "test_err": theirs[s], "outcome": "win" if ours[s] < theirs[s] - _TIE_TOLERANCE else
                           "loss" if ours[s] > theirs[s] + _TIE_TOLERANCE else "tie"} for s in seeds]
     if not rows:
@@ -61,8 +66,9 @@ def paired_section(picks: dict[tuple, Pick], datasets: Sequence, labels: Sequenc
     note = (f"`{reference}` against each method at the grid points above, on the seeds both finished: wins–ties–losses "
             "of LQF (a win: fewer test errors on that seed; a tie: the same number), then test error (%) per seed, "
             "LQF first.")
-    table = Table("paired", f"Paired per seed: {reference} vs each method", ["data set", "method", "W–T–L",
-                                                                            "per seed (LQF vs method)"], rows, csv_rows)
+    header = [*(k.replace("data", "data set") for k in row_fields(datasets[0])), "method", "W–T–L",
+              "per seed (LQF vs method)"]
+    table = Table("paired", f"Paired per seed: {reference} vs each method", header, rows, csv_rows)
     return [Section("Paired comparison per seed", [note], [table])]
 
 

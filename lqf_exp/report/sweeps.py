@@ -9,6 +9,7 @@ from typing import Any
 
 from lqf_exp.report.collect import Cell
 from lqf_exp.report.markdown import Section, Table, fmt_num
+from lqf_exp.report.paired import paired_section
 from lqf_exp.report.plots import box_plot, lowshot_plot
 from lqf_exp.report.stats import (
     HP_KEYS,
@@ -55,6 +56,10 @@ def lowshot_section(cells: Sequence[Cell], out_dir: Path) -> list[Section]:
     plot = lowshot_plot(out_dir / "lowshot.png", series, full)
     notes = [SELECTION_NOTE, "`full`: the whole training set (shots = null); drawn dashed in the plot."]
     sections = [Section("Low-shot (Fig. 4)", notes, [table], [plot.name])]
+    # The k-shot subset is drawn from the seed, so two methods on one seed saw the same images: a fair pair.
+    rows_keys = list(itertools.product(datasets, shots))
+    sections += paired_section({((d, s), m): pick for (d, s, m), pick in picks.items()}, rows_keys, labels,
+                               row_fields=lambda key: {"data": key[0], "shots": shots_text(key[1])})
 
     nlft = nlft_label(labels)
     if nlft is None:
