@@ -167,3 +167,14 @@ def test_leave_one_out_run_takes_the_dual_solution_and_cache_runs_give_val_metri
     assert fixed["solver"]["in_memory"] and fixed["solver"]["status"] == "converged"
     assert {"val/acc", "test/acc"} <= set(fixed["metrics"])
     assert (tmp_path / "fixed" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_lqf_sgd_iterates_where_leave_one_out_solved_the_problem(make_cfg, tmp_path: Path) -> None:
+    """experiment=lqf_sgd studies the optimizer (its learning rate): with λ by leave-one-out it still runs SGD from
+    δ = 0 instead of taking the dual system's δ*, and its gap is measured against that δ*'s objective."""
+    common = ["logger=none", "data.shots=3", "data.batch_size=16", "model.weights=null", "method.stop.max_epochs=2"]
+    sgd = run(make_cfg([*common, "experiment=lqf_sgd"], tmp_path / "sgd"))
+    solve = sgd["solver"]
+    assert solve["weight_decay_selection"]["method"] == "leave-one-out"
+    assert not solve["exact"] and solve["epochs"] == 2 and solve["status"] == "capped"
+    assert solve["gap"] > 1e-6  # two passes of SGD do not reach L*, and the record says by how much

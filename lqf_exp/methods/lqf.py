@@ -82,6 +82,7 @@ class LQF(ClassifierModule):
         prefix_cache_gb: float | None = None,
         jacobian_cache_gb: float | None = None,
         compile: bool = False,
+        take_closed_form: bool = True,
     ) -> None:
         check_head_init_kind(head_init)  # fail at construction, not after the data are loaded for the fit
         self.requested_weight_decay = parse_weight_decay(weight_decay, "method.weight_decay")
@@ -116,6 +117,9 @@ class LQF(ClassifierModule):
         self.jacobian_cache: JacobianCache | None = None
         self.cache_record: dict[str, Any] = {}
         self.dual_solution: Tensor | None = None  # δ* (flat) when the λ selection solved the dual system
+        # False: the solver iterates even where the λ selection solved the dual system (a study of the solver
+        # itself, e.g. solver=sgd's learning rate); the closed form still gives L*, so the gap stays measured.
+        self.take_closed_form = bool(take_closed_form)
         # Persisted, so a resumed run keeps its fitted head instead of fitting a new one.
         self.register_buffer("head_ready", torch.tensor(False))
 
@@ -295,7 +299,8 @@ class LQF(ClassifierModule):
         self.controller.path = choice.path
         if choice.system is not None:
             self.controller.objective_star = choice.objective_star
-            self.dual_solution = choice.solution  # δ* = Jᵀu: the run takes it instead of iterating toward it
+            if self.take_closed_form:
+                self.dual_solution = choice.solution  # δ* = Jᵀu: the run takes it instead of iterating toward it
             self.solver.use_dual_system(choice.system)
 
     def on_fit_start(self) -> None:
