@@ -2,15 +2,16 @@
 # The offline reproduction committed in docs/results/, on the two offline transfer tasks (small ResNet pre-trained on
 # Fashion-MNIST classes 0-4; targets: scikit-learn digits, and Fashion-MNIST classes 5-9 with 100 training images
 # per class), every cell trained to convergence (LQF: its solver's stopping rule; fine-tuning: 200-1000 steps with
-# early stopping; probe: solved), then the reports. Parts (--only a,b,... runs some of them, in this order):
-#   table1       {nlft, lpft} x BatchNorm {train, eval} x lr {0.01, 0.001} (wd 1e-4), best on val, plus the solved
-#                methods {lqf, lqf_fc, gaf, probe}; seed 0. --full: the sweep's whole grid (lr 0.05 too, wd 1e-5
-#                too) and seeds 0-2, with LQF's paired wins-ties-losses per seed
+# early stopping; probe: solved), then the reports. The default regenerates what docs/results/ holds; --full adds
+# grids that are not committed. Parts (--only a,b,... runs some of them, in this order):
+#   table1       the sweep's whole grid, {nlft, lpft} x BatchNorm {train, eval} x lr {0.05, 0.01, 0.001} x wd {1e-4,
+#                1e-5}, best on val, plus the solved methods {lqf, lqf_fc, gaf, probe}; seeds 0-2, with LQF's paired
+#                wins-ties-losses per seed
 #   lowshot      {lqf, nlft, lpft, probe} x {1, 5, 10, 20, 50} shots x 5 seeds per task
 #   lowshot_why  5 and 10 shots x 5 seeds per task: LQF with λ by leave-one-out (the default) and by the validation
 #                path, LQF with α in {1, 15, 50} picked on validation, NLFT with lr in {0.05, 0.01, 0.001} picked on
 #                validation, the probe; then how far each LQF solve moved from its probe (lqf_exp.influence.movement)
-#   ablation     8 cells per task, seed 0 (--full: seeds 0-2)
+#   ablation     8 cells per task, seeds 0-2, every one-component change paired per seed
 #   robustness   {lqf_sgd, nlft} x lr x batch size (Fig. 1 right): lr {0.05, 0.01, 0.001, 1e-4} x batch {16, 64}
 #                on fmnist_target (--full: the sweep's 5 x 3 grid on both tasks)
 #   spread       the default LQF cell on fmnist_target with batch size {16, 64, 256} x seed {0, 1, 2}, precond
@@ -53,14 +54,8 @@ wanted() { [[ -z "$only" || ",$only," == *",$1,"* ]]; }
 start=$(date +%s)
 
 part_table1() {
-  if $full; then
-    python run.py -m +sweep=table1 $both seed=0,1,2 $common hydra.sweep.dir=$out/table1
-    python run.py -m +sweep=table1_solved $both seed=0,1,2 $common hydra.sweep.dir=$out/table1
-  else
-    python run.py -m +sweep=table1 $both experiment=nlft,lpft method.bn=train,eval optim.lr=0.01,0.001 \
-      optim.weight_decay=1e-4 $common hydra.sweep.dir=$out/table1
-    python run.py -m +sweep=table1_solved $both $common hydra.sweep.dir=$out/table1
-  fi
+  python run.py -m +sweep=table1 $both seed=0,1,2 $common hydra.sweep.dir=$out/table1
+  python run.py -m +sweep=table1_solved $both seed=0,1,2 $common hydra.sweep.dir=$out/table1
   report $out/table1 docs/results/table1 --kind table1
 }
 
@@ -84,9 +79,7 @@ part_lowshot_why() {
 }
 
 part_ablation() {
-  local seeds=0
-  if $full; then seeds=0,1,2; fi
-  python run.py -m +sweep=ablation $both seed=$seeds $common hydra.sweep.dir=$out/ablation "$per_data"
+  python run.py -m +sweep=ablation $both seed=0,1,2 $common hydra.sweep.dir=$out/ablation "$per_data"
   report $out/ablation docs/results/ablation
 }
 
