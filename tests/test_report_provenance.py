@@ -131,3 +131,17 @@ def test_machine_kind_names_the_gpu_not_the_host(monkeypatch) -> None:
 @pytest.mark.parametrize("text", ["1/2 of a/b/c", "https://example.org/a/b", "— / —", "outputs/repro/table1"])
 def test_strip_paths_leaves_relative_paths_ratios_and_urls(text: str, tmp_path: Path) -> None:
     assert provenance.strip_paths(text, tmp_path / "sweep") == text
+
+
+def test_a_relative_path_through_a_link_is_shown_as_given(tmp_path: Path, monkeypatch) -> None:
+    """A checkout whose outputs/repro links to another checkout's: the report names `outputs/repro/table1`, not
+    `table1` (the resolved path leaves the working directory)."""
+    elsewhere = tmp_path / "other" / "repro" / "table1"
+    elsewhere.mkdir(parents=True)
+    checkout = tmp_path / "checkout"
+    (checkout / "outputs").mkdir(parents=True)
+    (checkout / "outputs" / "repro").symlink_to(tmp_path / "other" / "repro")
+    monkeypatch.chdir(checkout)
+    assert provenance.shown_path(Path("outputs/repro/table1")) == "outputs/repro/table1"
+    assert provenance.shown_path(checkout / "outputs" / "repro" / "table1") == "table1"  # absolute: resolved, named
+    assert provenance.shown_path(Path("../other/repro/table1")) == "table1"

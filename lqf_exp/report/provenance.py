@@ -68,7 +68,11 @@ def relative_to(path: Path, base: Path) -> str | None:
 
 
 def shown_path(path: Path) -> str:
-    """``path`` relative to the working directory when it lies below it, else its name: reports travel."""
+    """``path`` relative to the working directory when it lies below it, else its name: reports travel. A relative
+    path that stays below the working directory is shown as given, even through a symbolic link (a checkout whose
+    ``outputs/repro`` links to another's: resolving it would leave the working directory and keep only the name)."""
+    if not path.is_absolute() and ".." not in path.parts:
+        return path.as_posix()
     return relative_to(path, Path.cwd()) or path.name
 
 
