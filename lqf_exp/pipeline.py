@@ -134,7 +134,8 @@ def _train_and_test(
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
     except DivergenceError as error:
-        _record_divergence(output_dir, factors, module, error, trainer, _run_record(cfg, output_dir, started))
+        if trainer.is_global_zero:  # one writer; the other ranks need not ask git for the commit either
+            _record_divergence(output_dir, factors, module, error, trainer, _run_record(cfg, output_dir, started))
         raise
     fit_metrics = dict(trainer.callback_metrics)
 
@@ -189,8 +190,6 @@ def _record_divergence(
     record: dict[str, Any],
 ) -> None:
     """A diverged solve is a result, not a crash: metrics.json says so (sweeps and reports mark the cell)."""
-    if not trainer.is_global_zero:
-        return
     payload = {
         "status": "diverged",
         "error": str(error),

@@ -17,6 +17,7 @@ from lqf_exp.report.stats import Pick, label_base
 REFERENCE = "lqf"
 # Errors in % from accuracies that are ratios of counts: equal counts give equal floats up to rounding.
 _TIE_TOLERANCE = 1e-9
+_COLUMN_NAMES = {"data": "data set"}  # Markdown headers of the CSV's row fields
 
 
 def _per_seed(pick: Pick) -> dict[int, float]:
@@ -66,7 +67,7 @@ def paired_section(picks: dict[tuple, Pick], datasets: Sequence, labels: Sequenc
     note = (f"`{reference}` against each method at the grid points above, on the seeds both finished: wins–ties–losses "
             "of LQF (a win: fewer test errors on that seed; a tie: the same number), then test error (%) per seed, "
             "LQF first.")
-    header = [*(k.replace("data", "data set") for k in row_fields(datasets[0])), "method", "W–T–L",
+    header = [*(_COLUMN_NAMES.get(k, k) for k in row_fields(datasets[0])), "method", "W–T–L",
               "per seed (LQF vs method)"]
     table = Table("paired", f"Paired per seed: {reference} vs each method", header, rows, csv_rows)
     return [Section("Paired comparison per seed", [note], [table])]
