@@ -104,3 +104,26 @@ def test_cg_solved_tight_is_the_optimum_where_the_closed_form_does_not_fit(tmp_p
     _cell(tmp_path, "cg-tight", 7.0, {**_solve(2.0), "grad_ratio": 1e-6}, solver="cg")
     rows = _rows(write_report(tmp_path, kind="spread").parent / "spread.csv")
     assert float(rows["LQF: batch_size"]["gap_max"]) == pytest.approx(0.1 / 8)
+
+
+def test_cells_that_declined_the_closed_form_get_their_own_rows(tmp_path: Path) -> None:
+    exact = {"objective_star": 2.0, "exact": True, "gap": 0.0}
+    for bs in (16, 64):  # the default: the closed form taken, 0 passes
+        _cell(tmp_path, f"closed/bs{bs}", 7.0, {**_solve(2.0, epochs=0), **exact}, batch_size=bs)
+    for bs, err, gap, epochs in ((16, 7.2, 4e-3, 30), (64, 7.1, 8e-3, 25)):  # take_closed_form=false: iterated
+        record = {**_solve(2.03, epochs=epochs), "objective_star": 2.0, "exact": False, "gap": gap}
+        _cell(tmp_path, f"iterated/bs{bs}", err, record, batch_size=bs)
+    path = write_report(tmp_path, kind="spread")
+    rows = _rows(path.parent / "spread.csv")
+    closed, iterated = rows["LQF: batch_size"], rows["LQF from δ = 0: batch_size"]
+    assert closed["n"] == "2" and closed["passes_max"] == "0" and float(closed["test_err_range"]) == 0.0
+    assert iterated["n"] == "2" and (iterated["passes_min"], iterated["passes_max"]) == ("25", "30")
+    assert float(iterated["gap_max"]) == pytest.approx(8e-3)
+    assert float(iterated["test_err_range"]) == pytest.approx(0.1)
+    assert "`method.take_closed_form=false`" in path.read_text()
+
+
+def test_without_declined_cells_the_report_does_not_mention_them(spread_sweep: Path) -> None:
+    path = write_report(spread_sweep, kind="spread")
+    assert "take_closed_form" not in path.read_text()
+    assert not any(group.startswith("LQF from") for group in _rows(path.parent / "spread.csv"))
