@@ -165,7 +165,7 @@ def _train_and_test(
         "data": datamodule.describe(),
         "epochs": trainer.current_epoch,
         "steps": trainer.global_step,
-        **_run_record(cfg, output_dir, started),
+        **_run_record(cfg, output_dir, started, ask_git=trainer.is_global_zero),  # rank 0 alone writes it
     }
     payload.update(module.run_summary())
     if trainer.is_global_zero:
@@ -174,14 +174,14 @@ def _train_and_test(
     return payload
 
 
-def _run_record(cfg: DictConfig, output_dir: Path, started: float) -> dict[str, Any]:
+def _run_record(cfg: DictConfig, output_dir: Path, started: float, ask_git: bool = True) -> dict[str, Any]:
     """What every metrics.json says about its run, finished or diverged: how long, where, on what and by which code
-    (the commit: reports count their cells by it)."""
+    (the commit: reports count their cells by it; None where ``ask_git`` is false, on ranks that write nothing)."""
     return {
         "duration_s": round(time.time() - started, 2),
         "output_dir": str(output_dir),
         "device": "cuda" if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else "cpu",
-        "code": code_version(),
+        "code": code_version() if ask_git else None,
     }
 
 

@@ -1,6 +1,7 @@
 """Data modules: every one yields (float32 3xHxW normalized image, int64 label in 0..C-1)."""
 
-from lqf_exp.data.base import ClassificationDataModule, Splits, TensorImageDataset
+from lqf_exp.data.base import ClassificationDataModule, Splits
+from lqf_exp.data.datasets import TensorImageDataset
 from lqf_exp.data.digits import DigitsDataModule
 from lqf_exp.data.fashion_mnist import FashionMNISTDataModule, read_idx
 from lqf_exp.data.imagefolder import ImageFolderDataModule

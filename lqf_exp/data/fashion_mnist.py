@@ -13,7 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lqf_exp.data.base import ClassificationDataModule, Splits, TensorImageDataset, as_channel_stats
+from lqf_exp.data.base import ClassificationDataModule, Splits, as_channel_stats
+from lqf_exp.data.datasets import TensorImageDataset
 from lqf_exp.data.sampling import cap_per_class, stratified_split
 
 DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"

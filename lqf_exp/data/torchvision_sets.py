@@ -11,7 +11,8 @@ import numpy as np
 import torchvision.datasets
 from torch.utils.data import Dataset, Subset
 
-from lqf_exp.data.base import CastImages, ClassificationDataModule, Splits, as_channel_stats
+from lqf_exp.data.base import ClassificationDataModule, Splits, as_channel_stats
+from lqf_exp.data.datasets import CastImages
 from lqf_exp.data.sampling import per_class_split
 from lqf_exp.data.transforms import (
     IMAGENET_MEAN,
