@@ -1,7 +1,7 @@
 """The table of docs/results/README.md that sets this project's numbers beside the independent reference (small ResNet
 pre-trained on Fashion-MNIST 0-4; its settings were picked on test, so read it as an optimistic bound).
 
-    python docs/results/reference_table.py outputs/repro
+    python docs/results/reference_table.py outputs/repro ["the command that ran the sweeps"]  # to stdout
 
 Reads the reproduction's sweeps: full fmnist_target from table1 (best lr by validation accuracy), the low-shot
 columns from lowshot (NLFT with BN train, probe, LQF: 5 seeds) and reference (NLFT with BN frozen, lr grid: 3 seeds).
@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from lqf_exp.report import Cell, load_cells
+from lqf_exp.report.provenance import provenance_lines, shown_path
 from lqf_exp.report.stats import Pick
 
 COLUMNS = (("fmnist_target", None, "F5–9 100/cls"), ("fmnist_target", 10, "F5–9 10-shot"),
@@ -42,8 +43,10 @@ def _entry(cells: list[Cell], reference: float | None) -> str:
     return text
 
 
-def table(root: Path) -> str:
+def table(root: Path) -> tuple[str, list[Cell]]:
+    """The Markdown table and the cells it read."""
     sweeps = {name: load_cells(root / name) for name in ("table1", "lowshot", "reference") if (root / name).is_dir()}
+    used: list[Cell] = []
     lines = ["| method | " + " | ".join(c[2] for c in COLUMNS) + " |", "|---|" + "---|" * len(COLUMNS)]
     for label, recipe, bn, references in ROWS:
         entries = []
@@ -57,9 +60,19 @@ def table(root: Path) -> str:
             cells = [c for c in pool if c.get("data") == data and c.get("shots") == shots
                      and c.get("recipe") == recipe and (bn is None or c.get("bn") == bn)]
             entries.append(_entry(cells, reference))
+            used.extend(cells)
         lines.append(f"| {label} | " + " | ".join(entries) + " |")
-    return "\n".join(lines)
+    return "\n".join(lines), used
+
+
+def report(root: Path, command: str) -> str:
+    """The table under a header that says which code made it, from which cells, how and where."""
+    text, used = table(root)
+    header = provenance_lines(root, f"python docs/results/reference_table.py {shown_path(root)}", [command],
+                              [c.device for c in used], [c.code for c in used])
+    return "\n".join(["# Against the independent reference", "", *header, "", text]) + "\n"
 
 
 if __name__ == "__main__":
-    print(table(Path(sys.argv[1] if len(sys.argv) > 1 else "outputs/repro")))
+    root = Path(sys.argv[1] if len(sys.argv) > 1 else "outputs/repro")
+    print(report(root, sys.argv[2] if len(sys.argv) > 2 else "bash docs/results/reproduce.sh"), end="")

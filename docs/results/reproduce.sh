@@ -121,7 +121,7 @@ part_reference() {
     $common hydra.sweep.dir=$out/reference "$per_data"
   python run.py -m experiment=nlft method.bn=eval optim.lr=0.01,0.001 data=fashion_mnist_target \
     data.shots=5,10 seed=0,1,2 $common hydra.sweep.dir=$out/reference "$per_data"
-  python docs/results/reference_table.py $out > docs/results/reference_table.md
+  python docs/results/reference_table.py $out "$command" > docs/results/reference_table.md
 }
 
 part_linear_only() {
