@@ -28,6 +28,7 @@ from lqf_exp.builders import build, build_module
 from lqf_exp.data import ClassificationDataModule
 from lqf_exp.methods import LQF, ClassifierModule
 from lqf_exp.report.plots import curve_plot
+from lqf_exp.report.provenance import result_header, run_command
 from lqf_exp.results import METRICS_FILE, atomic_write_json
 from lqf_exp.tracking import instantiate_collection
 
@@ -122,7 +123,8 @@ def _write(out: Path, rows: list[dict[str, Any]], title: str) -> None:
         if inc and par:
             lines.append(f"| {t} | {inc['samples']} | {inc['test_err']:.2f} | {par['test_err']:.2f} | "
                          f"{inc['test_err'] - par['test_err']:+.2f} | {inc['steps']} | {par['steps']} |")
-    (out / "online.md").write_text(f"# {title}\n\n" + "\n".join(lines) + "\n\n![online](online.png)\n")
+    header = result_header([run_command(out) or "python run.py task=online … (overrides not recorded: no .hydra/)"])
+    (out / "online.md").write_text(f"# {title}\n\n" + "\n".join([*header, "", *lines]) + "\n\n![online](online.png)\n")
 
 
 def run_online(cfg: DictConfig, output_dir: Path, factors: dict[str, Any], loggers: list) -> dict[str, Any]:

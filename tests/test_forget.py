@@ -26,6 +26,7 @@ from lqf_exp.delta_layout import flatten
 from lqf_exp.forget import conjugate_gradient_from, exact_solution
 from lqf_exp.forget.__main__ import main
 from lqf_exp.forget.table import forget_table
+from lqf_exp.forget.table import main as table_main
 from lqf_exp.influence import load_finished_run
 from lqf_exp.pipeline import run
 from lqf_exp.results import METRICS_FILE, read_test_predictions
@@ -130,7 +131,8 @@ def _forget(run_dir: Path, out: Path, *args: str) -> dict:
     return json.loads((out / METRICS_FILE).read_text())
 
 
-def test_command_matches_retrain_and_writes_a_finished_run(run_dir: Path, tmp_path: Path) -> None:
+def test_command_matches_retrain_and_writes_a_finished_run(run_dir: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
     before = _tree(run_dir)
     drop = tmp_path / "ten_percent.txt"
     drop.write_text("4\n17\n25\n")
@@ -175,6 +177,12 @@ def test_command_matches_retrain_and_writes_a_finished_run(run_dir: Path, tmp_pa
                                f"{after['test/acc']:.4f} | — | {after['test/changed_predictions']} |")
     with pytest.raises(ValueError, match="no 'forget' entry"):
         forget_table([run_dir])
+    # The command writes the table under a header: the code, the command (paths relative or cut), the machine.
+    capsys.readouterr()  # what the forget runs printed
+    assert table_main([str(tmp_path / m) for m in runs]) == 0
+    printed = capsys.readouterr().out
+    assert printed.endswith("\n".join(table) + "\n") and "- Code: commit " in printed and str(tmp_path) not in printed
+    assert "python -m lqf_exp.forget.table exact solve retrain`" in printed
 
 
 def test_labels_of_matches_reading_every_item(run_dir: Path) -> None:

@@ -102,7 +102,9 @@ def test_summarization_drops_by_informativeness_and_plots(run_dir: Path) -> None
     assert sorted(int(i) for i in (out / "drop-most-0.5.txt").read_text().split()) == sorted(ranked[:10])
     assert sorted(int(i) for i in (out / "drop-least-0.5.txt").read_text().split()) == sorted(ranked[10:])
     assert (out / "summarize.png").read_bytes()[:8] == PNG_MAGIC
-    assert "| 50% |" in (out / "summarize.md").read_text()
+    summary_md = (out / "summarize.md").read_text()
+    assert "| 50% |" in summary_md and "- Code: commit " in summary_md and str(run_dir.parent) not in summary_md
+    assert f"python -m lqf_exp.influence.summarize {run_dir.name} --fractions 0,0.5 --seeds 0`" in summary_md
     kept = json.loads((out / "most-0.5" / "seed0" / "metrics.json").read_text())
     assert kept["data"]["train_size"] == 10 and kept["data"]["dropped"] == "drop-most-0.5.txt"
     for row in rows:  # every cell records its test predictions; they agree with its accuracy

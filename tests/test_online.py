@@ -60,7 +60,9 @@ def test_online_protocol_writes_one_row_per_step_and_mode(make_cfg, tmp_path: Pa
         (t, 10 * t, mode) for t in (1, 2) for mode in ("incremental", "paragon")]
     assert all(0 <= float(r["test_err"]) <= 100 for r in rows)
     assert json.loads((tmp_path / "metrics.json").read_text())["online"][-1]["samples"] == 20
-    assert (tmp_path / "online.png").is_file() and "| 2 | 20 |" in (tmp_path / "online.md").read_text()
+    online_md = (tmp_path / "online.md").read_text()
+    assert (tmp_path / "online.png").is_file() and "| 2 | 20 |" in online_md
+    assert "- Code: commit " in online_md and "- Machine: " in online_md and str(tmp_path) not in online_md
     state = torch.load(tmp_path / "online_state.pt", weights_only=True)
     assert {"rows", "incremental", "paragon"} <= set(state) and len(state["rows"]) == 4
     logged = (tmp_path / "csv" / "metrics.csv").read_text()

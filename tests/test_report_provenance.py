@@ -145,3 +145,23 @@ def test_a_relative_path_through_a_link_is_shown_as_given(tmp_path: Path, monkey
     assert provenance.shown_path(Path("outputs/repro/table1")) == "outputs/repro/table1"
     assert provenance.shown_path(checkout / "outputs" / "repro" / "table1") == "table1"  # absolute: resolved, named
     assert provenance.shown_path(Path("../other/repro/table1")) == "table1"
+
+
+def test_a_run_command_comes_from_hydra_overrides_without_absolute_paths(tmp_path: Path) -> None:
+    run_dir = tmp_path / "runs" / "one"
+    (run_dir / ".hydra").mkdir(parents=True)
+    assert provenance.run_command(run_dir) is None  # no overrides.yaml: a composed run, nothing to claim
+    overrides = ["task=online", f"data.drop={run_dir / 'drop.txt'}", "data.name=a b", "data.root=/srv/data/fmnist"]
+    (run_dir / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    assert provenance.run_command(run_dir) == ("python run.py task=online data.drop=drop.txt 'data.name=a b' "
+                                               "data.root=…/fmnist")
+
+
+def test_a_result_header_names_code_commands_and_machine(monkeypatch) -> None:
+    monkeypatch.setattr(provenance, "code_commit", lambda: "`abc123`")
+    monkeypatch.setattr(provenance, "machine_kind", lambda: "2-core CPU, no GPU")
+    assert provenance.result_header(["python run.py a=1", "python -m x run"]) == [
+        "- Code: commit `abc123` (`git log -1 -- . ':!docs/results'` of the package's checkout when this report was "
+        "written).",
+        "- Commands:", "  - `python run.py a=1`", "  - `python -m x run`",
+        "- Machine: 2-core CPU, no GPU (where this was written)."]

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from lqf_exp.report.provenance import result_header, shown_path
 from lqf_exp.results import METRICS_FILE
 
 __all__ = ["forget_table"]
@@ -48,7 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dirs", nargs="+", type=Path, help="directories written by python -m lqf_exp.forget")
     args = parser.parse_args(argv)
     try:
-        print(forget_table(args.run_dirs), end="")
+        table = forget_table(args.run_dirs)
+        command = "python -m lqf_exp.forget.table " + " ".join(shown_path(d) for d in args.run_dirs)
+        print("\n".join(["# Forgetting (`python -m lqf_exp.forget`)", "", *result_header([command]), "", table]),
+              end="")
     except (FileNotFoundError, ValueError) as error:
         parser.error(str(error))
     return 0

@@ -30,6 +30,7 @@ from lqf_exp.influence.outputs import CSV_FILE
 from lqf_exp.influence.run_dir import load_finished_run
 from lqf_exp.pipeline import run
 from lqf_exp.report.plots import curve_plot
+from lqf_exp.report.provenance import result_header, run_command, shown_path
 from lqf_exp.results import changed_predictions, read_metrics, read_test_predictions
 
 log = logging.getLogger(__name__)
@@ -145,9 +146,12 @@ def summarize(run_dir: Path, fractions: list[float], seeds: list[int], out: Path
         writer.writerows(rows)
     title = f"Dataset summarization, {finished.cfg.data.name} (LQF, λ = {finished.weight_decay:g})"
     _plot(rows, out / "summarize.png", title)
+    this = (f"python -m lqf_exp.influence.summarize {shown_path(run_dir)}"
+            f" --fractions {','.join(f'{f:g}' for f in fractions)} --seeds {','.join(str(seed) for seed in seeds)}")
+    header = "\n".join(result_header([run_command(run_dir) or f"the run in {shown_path(run_dir)}", this]))
     (out / "summarize.md").write_text(
-        f"# {title}\n\nTest error (%), mean ± std over seeds; predictions changed: test samples (mean over seeds) "
-        f"predicted differently from the same seed with nothing dropped.\n\n{_table(rows)}\n\n"
+        f"# {title}\n\n{header}\n\nTest error (%), mean ± std over seeds; predictions changed: test samples (mean "
+        f"over seeds) predicted differently from the same seed with nothing dropped.\n\n{_table(rows)}\n\n"
         "![summarization](summarize.png)\n")
     return out
 

@@ -40,6 +40,29 @@ def machine_kind() -> str:
     return f"{cpus}, {count}× {torch.cuda.get_device_name(0)}"
 
 
+def code_line() -> str:
+    """The header bullet that names the code (the commit of the checkout writing the report)."""
+    return (f"- Code: commit {code_commit()} (`git log -1 -- . ':!docs/results'` of the package's checkout when this "
+            "report was written).")
+
+
+def run_command(run_dir: Path) -> str | None:
+    """``python run.py <overrides>`` of a run Hydra started (its ``.hydra/overrides.yaml``), with the paths made
+    relative (:func:`strip_paths`); None for a run without that file (e.g. composed by a test)."""
+    try:
+        overrides = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text()) or []
+    except (OSError, yaml.YAMLError):
+        return None
+    return strip_paths(" ".join(["python run.py", *(shlex.quote(str(o)) for o in overrides)]), run_dir)
+
+
+def result_header(commands: Sequence[str]) -> list[str]:
+    """The header bullets of a result one command wrote from one run (not a sweep report): the code, the commands
+    (the run's first where known, then the one that wrote the result) and the machine kind."""
+    shown = [f"  - `{c}`" for c in commands]
+    return [code_line(), "- Commands:", *shown, f"- Machine: {machine_kind()} (where this was written)."]
+
+
 def sweep_commands(sweep: Path) -> list[str]:
     """The multirun commands Hydra recorded under ``sweep`` (``multirun.yaml``: overrides and the script's name).
 
@@ -116,8 +139,7 @@ def provenance_lines(sweep: Path, report_command: str, commands: Sequence[str] =
     ran_on = sorted({d for d in devices if d})
     counts = ", ".join(f"{d} ({sum(x == d for x in devices)})" for d in ran_on)
     return [
-        f"- Code: commit {code_commit()} (`git log -1 -- . ':!docs/results'` of the package's checkout when this "
-        "report was written).",
+        code_line(),
         *([cells_code_line(versions)] if versions else []),
         *lines,
         f"- Report command: `{report_command}`",
