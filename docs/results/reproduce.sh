@@ -27,7 +27,7 @@
 # checker compares every regenerated CSV with the copy of docs/results taken before the run, column by column (the
 # exit status says whether they agree); parts not run compare with themselves.
 #   bash docs/results/reproduce.sh [--full | --quick] [--only part,part] [output dir]
-#   --quick: only spread, robustness and linear_only (about 75 min on 2 idle cores), the parts that fit 90 minutes
+#   --quick: only spread, robustness and linear_only (73 min measured on a fresh clone, 2 idle cores): within 90 min
 set -euo pipefail
 # Two cells at a time (launcher=joblib), one thread each: on 2 cores this beats one 2-thread cell at a time.
 export OMP_NUM_THREADS=1
