@@ -110,7 +110,7 @@ def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     curve_plot(path, curves, title, "training samples seen", "test error (%)")
 
 
-def _write(out: Path, rows: list[dict[str, Any]], title: str) -> None:
+def _write(out: Path, rows: list[dict[str, Any]], title: str, header: list[str]) -> None:
     with (out / "online.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -123,7 +123,6 @@ def _write(out: Path, rows: list[dict[str, Any]], title: str) -> None:
         if inc and par:
             lines.append(f"| {t} | {inc['samples']} | {inc['test_err']:.2f} | {par['test_err']:.2f} | "
                          f"{inc['test_err'] - par['test_err']:+.2f} | {inc['steps']} | {par['steps']} |")
-    header = result_header([run_command(out) or "python run.py task=online … (overrides not recorded: no .hydra/)"])
     (out / "online.md").write_text(f"# {title}\n\n" + "\n".join([*header, "", *lines]) + "\n\n![online](online.png)\n")
 
 
@@ -144,6 +143,9 @@ def run_online(cfg: DictConfig, output_dir: Path, factors: dict[str, Any], logge
         previous.load_state_dict(state["incremental"], strict=False)
         log.info("online: resuming after step %d", rows[-1]["step"])
     title = f"On-line learning, {full.name}, {factors.get('recipe') or factors.get('method')}"
+    # Once per run, not per step: it asks git for the commit and reads the run's Hydra overrides.
+    header = result_header([run_command(output_dir)
+                            or "python run.py task=online … (overrides not recorded: no .hydra/)"])
     for t in range(len({r["step"] for r in rows}) + 1, len(parts) + 1):
         datamodule = _data_upto(cfg, output_dir, parts, t, len(labels))
         samples = len(datamodule.train_dataset)  # type: ignore[arg-type]
@@ -167,7 +169,7 @@ def run_online(cfg: DictConfig, output_dir: Path, factors: dict[str, Any], logge
             logger.save()  # the fits have no logger: this run's own loggers flush nothing unless told
         torch.save({"rows": rows, "incremental": incremental.state_dict(), "paragon": paragon.state_dict()},
                    state_path)
-        _write(output_dir, rows, title)
+        _write(output_dir, rows, title, header)
     final = {m: next(r for r in reversed(rows) if r["mode"] == m) for m in MODES}
     gaps = [r["test_err"] - p["test_err"] for r, p in zip(rows[0::2], rows[1::2], strict=True)]
     payload = {
