@@ -101,6 +101,23 @@ def _spread_row(data: Any, group: str, values: str, cells: Sequence[Cell], gaps:
     return row, record
 
 
+def _factor_rows(data: Any, name: str, cells: Sequence[Cell], optima: dict[tuple[Any, float], tuple[float, str]],
+                 rows: list[list[str]], records: list[dict[str, Any]], groups: dict[str, list[float]]) -> None:
+    """One row (and one box of the figure) per factor that varies among ``cells``, the others at the default."""
+    for factor in ("batch_size", "seed", "precond", "solver"):
+        picked = _one_at_a_time(cells, factor)
+        if len({c.get(factor) for c in picked}) < 2:
+            continue
+        values = ", ".join(fmt_num(v) for v in distinct(picked, factor))
+        gaps = [g for g in (relative_gap(c, optima) for c in picked) if g is not None]
+        passes = [int(c.solver["epochs"]) for c in picked if c.finished and c.solver.get("epochs") is not None]
+        lambdas = [lam for lam in (_chosen_lambda(c) for c in picked if c.finished) if lam is not None]
+        row, record = _spread_row(data, f"{name}: {factor}", values, picked, gaps, passes, lambdas)
+        rows.append(row)
+        records.append(record)
+        groups[f"{name} {factor}"] = [c.test_err for c in picked if c.finished]
+
+
 def spread_section(cells: Sequence[Cell], out_dir: Path) -> list[Section]:
     """One table (spread per data set and factor) and one figure per data set (test error of every cell)."""
     cells = [c for c in cells if c.get("data") is not None]
@@ -113,19 +130,7 @@ def spread_section(cells: Sequence[Cell], out_dir: Path) -> list[Section]:
         # Not finished cells stay with the default: without a solve record, nothing says they declined.
         for name, subset in (("LQF", [c for c in mine if not declined_closed_form(c)]),
                              ("LQF from δ = 0", [c for c in mine if declined_closed_form(c)])):
-            for factor in ("batch_size", "seed", "precond", "solver"):
-                picked = _one_at_a_time(subset, factor)
-                if len({c.get(factor) for c in picked}) < 2:
-                    continue
-                values = ", ".join(fmt_num(v) for v in distinct(picked, factor))
-                gaps = [g for g in (relative_gap(c, optima) for c in picked) if g is not None]
-                passes = [int(c.solver["epochs"]) for c in picked
-                          if c.finished and c.solver.get("epochs") is not None]
-                lambdas = [lam for lam in (_chosen_lambda(c) for c in picked if c.finished) if lam is not None]
-                row, record = _spread_row(data, f"{name}: {factor}", values, picked, gaps, passes, lambdas)
-                rows.append(row)
-                records.append(record)
-                groups[f"{name} {factor}"] = [c.test_err for c in picked if c.finished]
+            _factor_rows(data, name, subset, optima, rows, records, groups)
         for label in ("lqf_sgd", "nlft"):
             grid = [c for c in cells if c.get("data") == data and c.get("lr") is not None
                     and (c.get("solver") == "sgd" if label == "lqf_sgd" else base_label(c.factors) == "nlft")]
