@@ -8,7 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from lqf_exp.report.check import Options, check, column_class, main
+from lqf_exp.report import write_report
+from lqf_exp.report.check import Options, check, check_cells, column_class, main
+
+from .helpers.sweep_cells import write_cell
 
 RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results"
 
@@ -171,3 +174,35 @@ def test_rows_keyed_by_grid_factors_when_the_names_do_not_suffice(tmp_path: Path
         "grid.csv [data=d, method=nlft, lr=0.1, batch_size=64] test_err_mean: committed 6.0 vs regenerated 6.5: "
         "|Δ| 0.5 > 0.1 (percent)",
     ]
+
+
+def test_a_sample_of_cells_rerun_checks_against_the_committed_cells_csv(tmp_path: Path, capsys) -> None:
+    """--cells: a re-run subset of a sweep agrees with the committed cells.csv; a cell that moved, or one the
+    committed sweep never had, fails; committed cells not re-run are not differences."""
+    full, sample = tmp_path / "full", tmp_path / "sample"
+    for seed, err in enumerate((5.0, 6.0, 7.0)):
+        write_cell(full, f"digits/seed={seed}", err=err, seed=seed)
+    write_report(full, tmp_path / "committed", kind="auto")
+    committed = tmp_path / "committed" / "cells.csv"
+    write_cell(sample, "digits/seed=1", err=6.0, seed=1)
+    assert check_cells(sample, committed) == ([], 1)
+    assert main(["--cells", str(sample), str(committed)]) == 0
+    assert "OK: 1 cell(s)" in capsys.readouterr().out
+
+    write_cell(sample, "digits/seed=2", err=7.2, seed=2)  # 0.2 pt off, beyond the 0.1-pt tolerance
+    problems, compared = check_cells(sample, committed)
+    assert compared == 2 and len(problems) == 2  # test_err in % and test/acc, both of seed 2
+    assert all("seed=2" in p for p in problems)
+
+    write_cell(sample, "digits/seed=9", err=5.0, seed=9)
+    problems, _ = check_cells(sample, committed)
+    assert any("seed=9" in p and "row not in committed" in p for p in problems)
+    assert main(["--cells", str(sample), str(committed)]) == 1
+
+
+def test_a_sample_check_needs_cells_and_a_committed_file(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "cells.csv").write_text("cell,status\n")
+    assert check_cells(tmp_path / "empty", tmp_path / "cells.csv")[0] == [f"{tmp_path / 'empty'}: no cells to compare"]
+    with pytest.raises(SystemExit):
+        main(["--cells", str(tmp_path / "empty"), str(tmp_path)])  # a directory, not the committed cells.csv

@@ -2,8 +2,13 @@
 # The offline reproduction committed in docs/results/, on the two offline transfer tasks (small ResNet pre-trained on
 # Fashion-MNIST classes 0-4; targets: scikit-learn digits, and Fashion-MNIST classes 5-9 with 100 training images
 # per class), every cell trained to convergence (LQF: its solver's stopping rule; fine-tuning: 200-1000 steps with
-# early stopping; probe: solved), then the reports. The default regenerates what docs/results/ holds; --full adds
-# grids that are not committed. Parts (--only a,b,... runs some of them, in this order):
+# early stopping; probe: solved), then the reports.
+#   default (about 80 min on 2 idle cores): regenerates spread, robustness and linear_only whole, and re-runs `sample`,
+#            a seed-0 sample of every other sweep's cells, each checked against its committed row of cells.csv
+#   --full (about 8 h): every part below, which regenerates every file docs/results/ holds
+#   --complete: --full on the sweeps' complete grids (robustness 5 x 3 on both tasks, the ViT seeds 0-2 everywhere);
+#            rewrites robustness/ and the vit reports with more cells than are committed
+# Parts (--only a,b,... runs some of them, in this order):
 #   table1       the sweep's whole grid, {nlft, lpft} x BatchNorm {train, eval} x lr {0.05, 0.01, 0.001} x wd {1e-4,
 #                1e-5}, best on val, plus the solved methods {lqf, lqf_fc, gaf, probe}; seeds 0-2, with LQF's paired
 #                wins-ties-losses per seed
@@ -13,37 +18,46 @@
 #                validation, the probe; then how far each LQF solve moved from its probe (lqf_exp.influence.movement)
 #   ablation     8 cells per task, seeds 0-2, every one-component change paired per seed
 #   robustness   {lqf_sgd, nlft} x lr x batch size (Fig. 1 right): lr {0.05, 0.01, 0.001, 1e-4} x batch {16, 64}
-#                on fmnist_target (--full: the sweep's 5 x 3 grid on both tasks)
+#                on fmnist_target (--complete: the sweep's 5 x 3 grid on both tasks)
 #   spread       the default LQF cell with batch size {16, 64, 256} x seed {0, 1, 2}, precond
 #                {kfac, ekfac, none} and solver {adaptive, cg, kernel}, one at a time, each solved to tolerance,
 #                beside NLFT's lr x batch grid, on both tasks; on fmnist_target the same factors again with the
 #                closed form declined (method.take_closed_form=false), each solve iterating from δ = 0
 #   reference    NLFT with BatchNorm frozen at the reference table's low-shot columns, lr {0.01, 0.001} by val
 #   linear_only  on one fmnist_target run: exact and K-FAC influence, summarization (0 and 30% dropped), on-line
-#                learning, forgetting a class with and without the head refit
+#                learning, forgetting a class with and without the head refit (one process: it runs beside the
+#                sweeps, on the core their two cells leave free between sweeps)
 #   vit          docs/results/reproduce_vit.sh (its own sweeps and reports)
+#   sample       seed 0 of table1 (the solved methods, one NLFT cell), the ablation (ReLU/MSE/K-FAC on both tasks,
+#                CE on fmnist_target), lowshot (1 and 5 shots), lowshot_why (λ on the validation path) and the ViT
+#                table (LQF, probe on fmnist_target): the same commands restricted to these values, into the same
+#                cell directories; `python -m lqf_exp.report.check --cells` compares each cell with its committed row
 # Each part prints how long it took. CSV logging keeps it fast; drop logger=csv to track the cells in W&B (offline).
 # Re-running skips finished cells (stable cell directories), so an interrupted reproduction resumes. At the end the
 # checker compares every regenerated CSV with the copy of docs/results taken before the run, column by column (the
-# exit status says whether they agree); parts not run compare with themselves.
-#   bash docs/results/reproduce.sh [--full | --quick] [--only part,part] [output dir]
-#   --quick: only spread, robustness and linear_only (73 min measured on a fresh clone, 2 idle cores): within 90 min
+# exit status says whether they and the sample agree); parts not run compare with themselves.
+#   bash docs/results/reproduce.sh [--full | --complete] [--only part,part] [output dir]
 set -euo pipefail
 # Two cells at a time (launcher=joblib), one thread each: on 2 cores this beats one 2-thread cell at a time.
 export OMP_NUM_THREADS=1
 cd "$(dirname "$0")/../.."
 full=false
+complete=false
 only=""
 while [[ $# -gt 0 && "$1" == --* ]]; do
   case "$1" in
     --full) full=true; shift ;;
+    --complete) full=true; complete=true; shift ;;
     --only) only="$2"; shift 2 ;;
-    --quick) only="spread,robustness,linear_only"; shift ;;
-    *) echo "unknown option $1 (expected --full, --quick, --only part,part)" >&2; exit 2 ;;
+    *) echo "unknown option $1 (expected --full, --complete, --only part,part)" >&2; exit 2 ;;
   esac
 done
 out=${1:-outputs/repro}
-parts="table1 lowshot lowshot_why ablation robustness spread reference linear_only vit"
+parts="table1 lowshot lowshot_why ablation robustness spread reference linear_only vit sample"
+if [[ -z "$only" ]]; then
+  if $full; then only="${parts% sample}"; else only="robustness spread linear_only sample"; fi
+  only=${only// /,}
+fi
 for part in ${only//,/ }; do
   [[ " $parts " == *" $part "* ]] || { echo "unknown part '$part' (expected one of: $parts)" >&2; exit 2; }
 done
@@ -52,9 +66,9 @@ common="logger=csv launcher=joblib callbacks.progress_bar.refresh_rate=0 trainer
 per_data='hydra.sweep.subdir=${data.name}/${hydra.job.override_dirname}'
 command="bash docs/results/reproduce.sh"
 vit_args=()
-if $full; then command+=" --full"; vit_args=(--full); fi
+if $complete; then command+=" --complete"; vit_args=(--full); elif $full; then command+=" --full"; fi
 report() { python -m lqf_exp.report "$1" --out "$2" --command "$command" "${@:3}" > /dev/null; echo "wrote $2"; }
-wanted() { [[ -z "$only" || ",$only," == *",$1,"* ]]; }
+wanted() { [[ ",$only," == *",$1,"* ]]; }
 start=$(date +%s)
 # What docs/results held before this run (the committed results, on a fresh checkout), for the checker at the end.
 before=$(mktemp -d)
@@ -72,15 +86,20 @@ part_lowshot() {
   report $out/lowshot docs/results/lowshot
 }
 
+# LQF with λ picked on the validation path, for lowshot_why's cells ($1); the path spans the λ leave-one-out picks at
+# low shot (10-1000); left out of the cell's name (too long for a path).
+lqf_validation_path() {
+  python run.py -m $1 experiment=lqf method.weight_decay_selection.rule=validation \
+    'method.weight_decay_selection.path=[1000.0,100.0,10.0,1.0,0.1,0.01,0.001]' $common \
+    'hydra.job.config.override_dirname.exclude_keys=[method.weight_decay_selection.path]' \
+    hydra.sweep.dir=$out/lowshot_why "$per_data"
+}
+
 part_lowshot_why() {
   local dir=$out/lowshot_why cells="$both data.shots=5,10 seed=0,1,2,3,4"
   python run.py -m $cells experiment=lqf,probe $common hydra.sweep.dir=$dir "$per_data"
   python run.py -m $cells experiment=lqf loss.target_scale=1.0,50.0 $common hydra.sweep.dir=$dir "$per_data"
-  # The path spans the λ leave-one-out picks at low shot (10-1000); left out of the cell's name (too long for a path).
-  python run.py -m $cells experiment=lqf method.weight_decay_selection.rule=validation \
-    'method.weight_decay_selection.path=[1000.0,100.0,10.0,1.0,0.1,0.01,0.001]' $common \
-    'hydra.job.config.override_dirname.exclude_keys=[method.weight_decay_selection.path]' \
-    hydra.sweep.dir=$dir "$per_data"
+  lqf_validation_path "$cells"
   python run.py -m $cells experiment=nlft optim.lr=0.05,0.01,0.001 $common hydra.sweep.dir=$dir "$per_data"
   report $dir docs/results/lowshot_why --kind lowshot
   python -m lqf_exp.influence.movement $dir --out docs/results/lowshot_why --command "$command" > /dev/null
@@ -92,7 +111,7 @@ part_ablation() {
 }
 
 part_robustness() {
-  if $full; then
+  if $complete; then
     python run.py -m +sweep=robustness $both $common hydra.sweep.dir=$out/robustness "$per_data"
   else
     python run.py -m +sweep=robustness data=fashion_mnist_target +lr=0.05,0.01,0.001,0.0001 data.batch_size=16,64 \
@@ -154,12 +173,55 @@ part_vit() {
   bash docs/results/reproduce_vit.sh ${vit_args[@]+"${vit_args[@]}"} "$out"
 }
 
+# Seed 0 of the sweeps the default does not regenerate, re-run by their own commands restricted to fewer values (the
+# cell directories, and so the rows of cells.csv, keep their names); each cell must equal its committed row.
+part_sample() {
+  local one="seed=0 $common"
+  python run.py -m +sweep=table1_solved $both experiment=lqf,lqf_fc,probe $one hydra.sweep.dir=$out/table1
+  python run.py -m +sweep=table1 $both experiment=nlft method.bn=train optim.lr=0.05 optim.weight_decay=0.0001 $one \
+    hydra.sweep.dir=$out/table1
+  python run.py -m +sweep=ablation $both activation=relu loss=mse precond=kfac $one hydra.sweep.dir=$out/ablation \
+    "$per_data"
+  python run.py -m +sweep=ablation data=fashion_mnist_target activation=relu loss=ce precond=kfac $one \
+    hydra.sweep.dir=$out/ablation "$per_data"
+  python run.py -m +sweep=lowshot $both data.shots=1,5 experiment=lqf,probe $one hydra.sweep.dir=$out/lowshot \
+    "$per_data"
+  python run.py -m +sweep=lowshot $both data.shots=5 experiment=nlft $one hydra.sweep.dir=$out/lowshot "$per_data"
+  lqf_validation_path "$both data.shots=5 seed=0"
+  bash docs/results/reproduce_vit.sh --sample "$out"
+  local part
+  for part in table1 ablation lowshot lowshot_why vit/table1:vit_table1; do
+    python -m lqf_exp.report.check --cells "$out/${part%%:*}" "$before/results/${part##*:}/cells.csv" \
+      --tolerance 0 --steps-tolerance 0 || sample_status=1
+  done
+}
+
+timed() {
+  local began
+  began=$(date +%s)
+  "part_$1"
+  echo "[reproduce] $1 took $(( $(date +%s) - began )) s (total $(( $(date +%s) - start )) s)"
+}
+
+sample_status=0
+linear_only_pid=""
+if wanted linear_only; then  # one process, one thread: beside the sweeps, its log printed when it ends
+  mkdir -p "$out"
+  timed linear_only > "$out/linear_only.log" 2>&1 &
+  linear_only_pid=$!
+fi
 for part in $parts; do
-  if wanted $part; then
-    began=$(date +%s)
-    "part_$part"
-    echo "[reproduce] $part took $(( $(date +%s) - began )) s (total $(( $(date +%s) - start )) s)"
+  if wanted $part && [[ $part != linear_only ]]; then
+    timed $part
   fi
 done
+if [[ -n "$linear_only_pid" ]]; then
+  linear_only_status=0
+  wait "$linear_only_pid" || linear_only_status=$?
+  tail -n 5 "$out/linear_only.log"
+  if (( linear_only_status != 0 )); then echo "linear_only failed: see $out/linear_only.log" >&2; exit 1; fi
+fi
 echo "reproduction took $(( $(date +%s) - start )) s"
-python -m lqf_exp.report.check docs/results "$before/results"
+check_status=0
+python -m lqf_exp.report.check docs/results "$before/results" || check_status=1
+exit $(( sample_status | check_status ))

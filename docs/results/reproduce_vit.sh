@@ -9,13 +9,19 @@
 #            cell is the table's LQF, so the ablation report reads both directories
 # Seeds: 0-2 on fmnist_target; seed 0 only on digits and in the ablation, to fit the 2-core box (a solved LQF or
 # probe cell on full data does not depend on the seed: closed form, or batch order only). --full runs seeds 0-2
-# everywhere. Took 46 min on the 2-core box shared with other work (see docs/results/README.md).
-#   bash docs/results/reproduce_vit.sh [--full] [output dir]
+# everywhere. Took 46 min on the 2-core box shared with other work (see docs/results/README.md). --sample re-runs only
+# the table's seed-0 LQF and probe cells on fmnist_target (reproduce.sh's sample part checks them) and writes no report.
+#   bash docs/results/reproduce_vit.sh [--full | --sample] [output dir]
 set -euo pipefail
 export OMP_NUM_THREADS=1
 cd "$(dirname "$0")/../.."
 full=false
-if [[ "${1:-}" == "--full" ]]; then full=true; shift; fi
+sample=false
+case "${1:-}" in
+  --full) full=true; shift ;;
+  --sample) sample=true; shift ;;
+  --*) echo "unknown option $1 (expected --full or --sample)" >&2; exit 2 ;;
+esac
 out=${1:-outputs/repro}/vit
 if $full; then digits_seeds=0,1,2; ablation_seeds=0,1,2; else digits_seeds=0; ablation_seeds=0; fi
 common="model=vit_tiny logger=csv launcher=joblib callbacks.progress_bar.refresh_rate=0"
@@ -23,6 +29,11 @@ per_data='hydra.sweep.subdir=${data.name}/${hydra.job.override_dirname}'
 finetune="experiment=nlft,lpft method.bn=choice(train) optim.lr=0.05,0.01,0.001 optim.weight_decay=1e-4"
 # fmnist_target's fine-tuning picked the grid's lowest lr (0.001) by validation: the grid goes one step lower there.
 low_lr="experiment=nlft,lpft method.bn=choice(train) optim.lr=0.0003 optim.weight_decay=1e-4"
+if $sample; then
+  python run.py -m +sweep=table1_solved data=fashion_mnist_target seed=0 experiment=lqf,probe $common \
+    hydra.sweep.dir=$out/table1
+  exit 0
+fi
 start=$(date +%s)
 lap() { echo "[reproduce_vit] $1 done at $(( $(date +%s) - start )) s"; }
 for data_seeds in "fashion_mnist_target 0,1,2" "digits $digits_seeds"; do

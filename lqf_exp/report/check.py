@@ -25,6 +25,11 @@ columns consistently:
   other columns already carry) are not compared. Images (PNG) and other files are not compared either.
 
 Exit status 0 when everything agrees, 1 with one line per differing cell, missing row, column or CSV.
+
+``--cells <sweep dir> <committed cells.csv>`` checks a sample instead: the cells re-run under a sweep directory (a
+subset of a committed sweep, made by the same command restricted to fewer values) against the committed cells.csv
+that holds them among others. Every re-run cell must be a committed row and agree with it; committed rows not re-run
+are not compared.
 """
 
 from __future__ import annotations
@@ -34,10 +39,14 @@ import csv
 import math
 import re
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from lqf_exp.report.collect import FACTOR_KEYS
+from lqf_exp.report.collect import FACTOR_KEYS, load_cells
+from lqf_exp.report.markdown import write_csv
+from lqf_exp.report.provenance import strip_row_paths
+from lqf_exp.report.report import cell_rows
 
 KEY_NAMES = ("cell", "data", "method", "reference", "removed", "shots", "seed", "order", "fraction", "mode", "step",
              "index")  # fmt: skip
@@ -170,8 +179,10 @@ def _bound(cls: str, column: str, old: str, new: str, row: dict[str, str], media
     return (opts.steps_tolerance if cls == "iterations" else opts.rel_tolerance) * scale
 
 
-def compare_csv(name: str, new_path: Path, old_path: Path, opts: Options, ignore: set[str]) -> list[str]:
-    """Every difference between the regenerated and the committed version of one CSV, one line each."""
+def compare_csv(name: str, new_path: Path, old_path: Path, opts: Options, ignore: set[str],
+                subset: bool = False) -> list[str]:  # fmt: skip
+    """Every difference between the regenerated and the committed version of one CSV, one line each; with ``subset``
+    the regenerated rows are a sample, so committed rows it lacks are not differences."""
     new_header, new_rows = read_csv(new_path)
     old_header, old_rows = read_csv(old_path)
     keys = key_columns(old_header, old_rows)
@@ -191,7 +202,8 @@ def compare_csv(name: str, new_path: Path, old_path: Path, opts: Options, ignore
         row = old.get(key) or new[key]  # as written in the committed file, not as normalized for matching
         return ", ".join(f"{k}={row.get(k)}" for k in keys) + (f" {key[-1]}" if len(key) > len(keys) else "")
 
-    problems += [f"{name} [{shown(k)}]: row missing in regenerated" for k in old if k not in new]
+    if not subset:
+        problems += [f"{name} [{shown(k)}]: row missing in regenerated" for k in old if k not in new]
     problems += [f"{name} [{shown(k)}]: row not in committed" for k in new if k not in old]
     for key in (k for k in old if k in new):
         for column, cls in classes.items():
@@ -223,6 +235,21 @@ def check(regenerated: Path, committed: Path, opts: Options | None = None, ignor
     return problems, len(old & new)
 
 
+def check_cells(sweep_dir: Path, committed_csv: Path, opts: Options | None = None,
+                ignore: set[str] | None = None) -> tuple[list[str], int]:  # fmt: skip
+    """(problems, cells compared) for the cells re-run under ``sweep_dir``, a sample of the committed ``cells.csv``."""
+    sweep = sweep_dir.resolve()
+    cells = load_cells(sweep)
+    if not cells:
+        return [f"{sweep_dir}: no cells to compare"], 0
+    with tempfile.TemporaryDirectory() as tmp:
+        regenerated = Path(tmp) / "cells.csv"
+        write_csv(regenerated, strip_row_paths(cell_rows(cells), sweep))
+        problems = compare_csv(committed_csv.as_posix(), regenerated, committed_csv, opts or Options(), ignore or set(),
+                               subset=True)  # fmt: skip
+    return problems, len(cells)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lqf_exp.report.check", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -236,18 +263,28 @@ def main(argv: list[str] | None = None) -> int:
                         help="relative difference allowed on other numbers (default: %(default)s)")
     parser.add_argument("--ignore", action="append", default=[], metavar="COLUMN", help="a column not to compare")
     parser.add_argument("--explain", action="store_true", help="print each CSV's key and column classes")
+    parser.add_argument("--cells", action="store_true",
+                        help="REGENERATED is a sweep directory holding a sample of the cells of COMMITTED, a cells.csv")
     args = parser.parse_args(argv)
-    for directory in (args.regenerated, args.committed):
-        if not directory.is_dir():
-            parser.error(f"{directory} is not a directory")
+    if not args.regenerated.is_dir():
+        parser.error(f"{args.regenerated} is not a directory")
+    if args.cells and not args.committed.is_file():
+        parser.error(f"{args.committed} is not a file (--cells compares with a committed cells.csv)")
+    if not args.cells and not args.committed.is_dir():
+        parser.error(f"{args.committed} is not a directory")
     opts = Options(args.tolerance, args.steps_tolerance, args.rel_tolerance)
-    problems, compared = check(args.regenerated, args.committed, opts, set(args.ignore), args.explain)
+    if args.cells:
+        problems, compared = check_cells(args.regenerated, args.committed, opts, set(args.ignore))
+        what = f"cell(s) of {args.regenerated}"
+    else:
+        problems, compared = check(args.regenerated, args.committed, opts, set(args.ignore), args.explain)
+        what = "CSV(s)"
     for line in problems:
         print(line)
     if problems:
-        print(f"FAIL: {len(problems)} difference(s) in {compared} CSV(s) compared", file=sys.stderr)
+        print(f"FAIL: {len(problems)} difference(s) in {compared} {what} compared", file=sys.stderr)
         return 1
-    print(f"OK: {compared} CSV(s) agree (tolerance {opts.tolerance} pt; timings, notes and images not compared)")
+    print(f"OK: {compared} {what} agree (tolerance {opts.tolerance} pt; timings, notes and images not compared)")
     return 0
 
 
