@@ -206,3 +206,14 @@ def test_a_sample_check_needs_cells_and_a_committed_file(tmp_path: Path) -> None
     assert check_cells(tmp_path / "empty", tmp_path / "cells.csv")[0] == [f"{tmp_path / 'empty'}: no cells to compare"]
     with pytest.raises(SystemExit):
         main(["--cells", str(tmp_path / "empty"), str(tmp_path)])  # a directory, not the committed cells.csv
+
+
+def test_objective_gaps_below_the_floor_are_rounding(tmp_path: Path) -> None:
+    """spread.csv's gap_max of a closed form: 2e-8 and 4e-9 agree (both rounding), 0.01 and 0.02 do not."""
+    assert column_class("gap_max") == "gap"
+    for side, gaps in (("committed", ("1.9e-08", "0.01")), ("regenerated", ("4.1e-09", "0.02"))):
+        (tmp_path / side).mkdir()
+        (tmp_path / side / "spread.csv").write_text("data,group,gap_max\n" + "".join(
+            f"d{i},g,{gap}\n" for i, gap in enumerate(gaps)))  # fmt: skip
+    problems, _ = check(tmp_path / "regenerated", tmp_path / "committed")
+    assert len(problems) == 1 and "data=d1" in problems[0] and "(gap)" in problems[0]

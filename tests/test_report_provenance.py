@@ -68,7 +68,9 @@ def test_header_records_commit_command_and_machine(tmp_path: Path) -> None:
                             "hydra.sweep.dir=table1`")  # fmt: skip
     assert fields["Report command"] == "`python -m lqf_exp.report table1 --out out`"
     cuda = "no GPU" if not __import__("torch").cuda.is_available() else "×"
-    assert fields["Machine"].startswith(f"{os.cpu_count()}-core CPU, ") and cuda in fields["Machine"]
+    kernels = __import__("torch").backends.cpu.get_cpu_capability()
+    assert fields["Machine"].startswith(f"{os.cpu_count()}-core CPU ({kernels} kernels), ")
+    assert cuda in fields["Machine"]
     assert fields["Machine"].endswith("the cells ran on: cpu (4).")
     assert_no_absolute_path(tmp_path / "out", tmp_path, REPO_ROOT)
 
@@ -125,7 +127,8 @@ def test_machine_kind_names_the_gpu_not_the_host(monkeypatch) -> None:
     fake = types.SimpleNamespace(is_available=lambda: True, device_count=lambda: 2, get_device_name=lambda _i: "H100")
     monkeypatch.setattr(torch, "cuda", fake)
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
-    assert provenance.machine_kind() == "16-core CPU, 2× H100"
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert provenance.machine_kind() == "16-core CPU (AVX2 kernels), 2× H100"
 
 
 @pytest.mark.parametrize("text", ["1/2 of a/b/c", "https://example.org/a/b", "— / —", "outputs/repro/table1"])

@@ -19,6 +19,9 @@ columns consistently:
   column not listed elsewhere): exactly equal; a different pick is a different result.
 - ``iterations``: steps, steps_median, epochs, passes: outcomes of a stopping rule, as reproducible as the floats it
   reads; within ``--steps-tolerance`` (relative; 0 demands equality, right for bit-for-bit reruns).
+- ``gap``: an objective gap (L − L*)/(L(start) − L*), relative by construction: within ``--rel-tolerance``
+  (relative) or 1e-6 (absolute, :data:`GAP_FLOOR`), whichever is larger: a closed form's gap of 2e-8 or 4e-9 is
+  rounding, three orders below anything a stopping rule reads.
 - ``measure``: any other number (losses, influence scores): within ``--rel-tolerance`` (relative), a guard against
   gross changes; no claim of docs/results rests on these.
 - ``timing`` (duration_s, seconds, any ``_s`` column) and ``text`` (note, error: messages that embed numbers the
@@ -56,6 +59,7 @@ COUNT_NAMES = {"n", "grid_points", "dropped", "train_size", "val_size", "test_si
 ITERATION_WORDS = {"steps", "epochs", "passes", "iterations"}
 TEXT_NAMES = {"note", "error", "message", "traceback", "command", "commit", "path", "output_dir"}
 IGNORED = ("timing", "text")
+GAP_FLOOR = 1e-6  # objective gaps below this are rounding (see the module docstring)
 _EPS = 1e-9  # float noise in the tolerance arithmetic itself, not a tolerance
 
 
@@ -78,6 +82,8 @@ def column_class(name: str) -> str:
         return "iterations"
     if "rel" in words or low.startswith("rel_increase"):
         return "relative"
+    if "gap" in words:
+        return "gap"
     if words & {"err", "acc"}:
         return "spread" if "std" in words else ("percent" if "err" in words else "fraction")
     if low in COUNT_NAMES or low.startswith("n_"):
@@ -176,6 +182,8 @@ def _bound(cls: str, column: str, old: str, new: str, row: dict[str, str], media
         bound = _relative_bound(row, opts.tolerance)
         return median_bound if bound is None else bound
     scale = max(abs(_num(old) or 0.0), abs(_num(new) or 0.0))
+    if cls == "gap":
+        return max(opts.rel_tolerance * scale, GAP_FLOOR)
     return (opts.steps_tolerance if cls == "iterations" else opts.rel_tolerance) * scale
 
 

@@ -28,12 +28,15 @@ def code_commit(root: Path = PACKAGE_ROOT) -> str:
 
 
 def machine_kind() -> str:
-    """E.g. "2-core CPU, no GPU": the kind of machine, never its name."""
+    """E.g. "2-core CPU (AVX512 kernels), no GPU": the kind of machine, never its name. The CPU kernels PyTorch picked
+    at run time are part of it: fine-tuning at a large lr turns their different rounding into points of test error
+    (docs/results/README.md, "Reruns")."""
     cpus = f"{os.cpu_count() or '?'}-core CPU"
     try:
         import torch
     except ImportError:
         return f"{cpus}, GPU unknown (no torch)"
+    cpus += f" ({torch.backends.cpu.get_cpu_capability()} kernels)"
     if not torch.cuda.is_available():
         return f"{cpus}, no GPU"
     count = torch.cuda.device_count()
@@ -44,6 +47,15 @@ def code_line() -> str:
     """The header bullet that names the code (the commit of the checkout writing the report)."""
     return (f"- Code: commit {code_commit()} (`git log -1 -- . ':!docs/results'` of the package's checkout when this "
             "report was written).")
+
+
+def machine_line(written: str, devices: Sequence[str | None] = ()) -> str:
+    """The header bullet naming the kind of machine that wrote ``written`` ("this report") and, given the devices of
+    a sweep's cells, how many cells ran on each."""
+    ran_on = sorted({d for d in devices if d})
+    counts = ", ".join(f"{d} ({sum(x == d for x in devices)})" for d in ran_on)
+    ran = f"; the cells ran on: {counts}." if counts else "."
+    return f"- Machine: {machine_kind()} (where {written} was written){ran}"
 
 
 def run_command(run_dir: Path) -> str | None:
@@ -60,7 +72,7 @@ def result_header(commands: Sequence[str]) -> list[str]:
     """The header bullets of a result one command wrote from one run (not a sweep report): the code, the commands
     (the run's first where known, then the one that wrote the result) and the machine kind."""
     shown = [f"  - `{c}`" for c in commands]
-    return [code_line(), "- Commands:", *shown, f"- Machine: {machine_kind()} (where this was written)."]
+    return [code_line(), "- Commands:", *shown, machine_line("this")]
 
 
 def sweep_commands(sweep: Path) -> list[str]:
@@ -136,13 +148,10 @@ def provenance_lines(sweep: Path, report_command: str, commands: Sequence[str] =
         lines = [f"- Sweep command ({source}): `{found[0]}`"]
     else:
         lines = [f"- Sweep commands ({source}):", *(f"  - `{c}`" for c in found)]
-    ran_on = sorted({d for d in devices if d})
-    counts = ", ".join(f"{d} ({sum(x == d for x in devices)})" for d in ran_on)
     return [
         code_line(),
         *([cells_code_line(versions)] if versions else []),
         *lines,
         f"- Report command: `{report_command}`",
-        f"- Machine: {machine_kind()} (where this report was written)"
-        + (f"; the cells ran on: {counts}." if counts else "."),
+        machine_line("this report", devices),
     ]
