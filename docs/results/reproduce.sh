@@ -3,7 +3,7 @@
 # Fashion-MNIST classes 0-4; targets: scikit-learn digits, and Fashion-MNIST classes 5-9 with 100 training images
 # per class), every cell trained to convergence (LQF: its solver's stopping rule; fine-tuning: 200-1000 steps with
 # early stopping; probe: solved), then the reports.
-#   default (about 80 min on 2 idle cores): regenerates spread, robustness and linear_only whole, and re-runs `sample`,
+#   default (63 min on a fresh clone, 2 idle cores): regenerates spread, robustness and linear_only whole, and re-runs `sample`,
 #            a seed-0 sample of every other sweep's cells, each checked against its committed row of cells.csv
 #   --full (about 8 h): every part below, which regenerates every file docs/results/ holds
 #   --complete: --full on the sweeps' complete grids (robustness 5 x 3 on both tasks, the ViT seeds 0-2 everywhere);
