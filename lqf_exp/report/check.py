@@ -44,9 +44,7 @@ from pathlib import Path
 
 from lqf_exp.report.collect import load_cells
 from lqf_exp.report.compare import Options, column_class, compare_csv, key_columns, read_csv
-from lqf_exp.report.markdown import write_csv
-from lqf_exp.report.provenance import strip_row_paths
-from lqf_exp.report.report import cell_rows
+from lqf_exp.report.report import write_cells_csv
 
 __all__ = ["Options", "check", "check_cells", "column_class", "compare_csv", "main"]
 
@@ -78,7 +76,7 @@ def check_cells(sweep_dir: Path, committed_csv: Path, opts: Options | None = Non
         return [f"{sweep_dir}: no cells to compare"], 0
     with tempfile.TemporaryDirectory() as tmp:
         regenerated = Path(tmp) / "cells.csv"
-        write_csv(regenerated, strip_row_paths(cell_rows(cells), sweep))
+        write_cells_csv(regenerated, cells, sweep)
         problems = compare_csv(committed_csv.as_posix(), regenerated, committed_csv, opts or Options(), ignore or set(),
                                subset=True)  # fmt: skip
     return problems, len(cells)

@@ -31,7 +31,7 @@ class Options:
 
 
 def column_class(name: str) -> str:
-    """The class of a non-key column, from its name (see the module docstring)."""
+    """The class of a non-key column, from its name (``lqf_exp.report.check``'s docstring lists the classes)."""
     low = name.lower()
     words = set(re.split(r"[_/\s]+", low))
     if low in TEXT_NAMES:

@@ -80,6 +80,11 @@ def cell_rows(cells: Sequence[Cell]) -> list[dict[str, Any]]:
     ]
 
 
+def write_cells_csv(path: Path, cells: Sequence[Cell], sweep: Path) -> None:
+    """``cells.csv``: one row per cell, paths relative to ``sweep`` (what a report writes and the checker re-reads)."""
+    write_csv(path, strip_row_paths(cell_rows(cells), sweep))
+
+
 def _cell_summary(cell: Cell) -> str:
     keys = ("data", "recipe", "method", "activation", "loss", "precond", "solver", "shots", "lr", "weight_decay",
             "batch_size")
@@ -146,7 +151,7 @@ def write_report(sweep_dir: str | os.PathLike[str], out_dir: str | os.PathLike[s
         cell.error = strip_paths(cell.error, sweep) if cell.error else cell.error
         cell.factors = strip_row_paths([cell.factors], sweep)[0]
     out.mkdir(parents=True, exist_ok=True)
-    write_csv(out / "cells.csv", strip_row_paths(cell_rows(cells), sweep))
+    write_cells_csv(out / "cells.csv", cells, sweep)
     kinds = detect_kinds(cells) if kind == "auto" else [kind]
     sections = [section for k in kinds for section in BUILDERS[k](cells, out)]
     for table in (t for s in sections for t in s.tables):
@@ -194,4 +199,4 @@ def log_tables_to_wandb(out_dir: str | os.PathLike[str]) -> int:
     return logged
 
 
-__all__ = ["KINDS", "cell_rows", "detect_kinds", "load_cells", "log_tables_to_wandb", "write_report"]
+__all__ = ["KINDS", "cell_rows", "detect_kinds", "load_cells", "log_tables_to_wandb", "write_cells_csv", "write_report"]
