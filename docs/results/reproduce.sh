@@ -76,14 +76,20 @@ before=$(mktemp -d)
 trap 'rm -rf "$before"' EXIT
 cp -r docs/results "$before/results"
 
+# The cells of table1, lowshot and ablation; their parts and the sample call these with more or fewer values, so
+# a sampled cell has the same command, and so the same directory name and cells.csv row, as in its whole sweep.
+table1_cells() { python run.py -m "$@" $common hydra.sweep.dir=$out/table1; }
+lowshot_cells() { python run.py -m +sweep=lowshot "$@" $common hydra.sweep.dir=$out/lowshot "$per_data"; }
+ablation_cells() { python run.py -m +sweep=ablation "$@" $common hydra.sweep.dir=$out/ablation "$per_data"; }
+
 part_table1() {
-  python run.py -m +sweep=table1 $both seed=0,1,2 $common hydra.sweep.dir=$out/table1
-  python run.py -m +sweep=table1_solved $both seed=0,1,2 $common hydra.sweep.dir=$out/table1
+  table1_cells +sweep=table1 $both seed=0,1,2
+  table1_cells +sweep=table1_solved $both seed=0,1,2
   report $out/table1 docs/results/table1 --kind table1
 }
 
 part_lowshot() {
-  python run.py -m +sweep=lowshot $both $common hydra.sweep.dir=$out/lowshot "$per_data"
+  lowshot_cells $both
   report $out/lowshot docs/results/lowshot
 }
 
@@ -107,7 +113,7 @@ part_lowshot_why() {
 }
 
 part_ablation() {
-  python run.py -m +sweep=ablation $both seed=0,1,2 $common hydra.sweep.dir=$out/ablation "$per_data"
+  ablation_cells $both seed=0,1,2
   report $out/ablation docs/results/ablation
 }
 
@@ -177,17 +183,12 @@ part_vit() {
 # Seed 0 of the sweeps the default does not regenerate, re-run by their own commands restricted to fewer values (the
 # cell directories, and so the rows of cells.csv, keep their names); each cell must equal its committed row.
 part_sample() {
-  local one="seed=0 $common"
-  python run.py -m +sweep=table1_solved $both experiment=lqf,lqf_fc,probe $one hydra.sweep.dir=$out/table1
-  python run.py -m +sweep=table1 $both experiment=nlft method.bn=train optim.lr=0.05 optim.weight_decay=0.0001 $one \
-    hydra.sweep.dir=$out/table1
-  python run.py -m +sweep=ablation $both activation=relu loss=mse precond=kfac $one hydra.sweep.dir=$out/ablation \
-    "$per_data"
-  python run.py -m +sweep=ablation data=fashion_mnist_target activation=relu loss=ce precond=kfac $one \
-    hydra.sweep.dir=$out/ablation "$per_data"
-  python run.py -m +sweep=lowshot $both data.shots=1,5 experiment=lqf,probe $one hydra.sweep.dir=$out/lowshot \
-    "$per_data"
-  python run.py -m +sweep=lowshot $both data.shots=5 experiment=nlft $one hydra.sweep.dir=$out/lowshot "$per_data"
+  table1_cells +sweep=table1_solved $both seed=0 experiment=lqf,lqf_fc,probe
+  table1_cells +sweep=table1 $both seed=0 experiment=nlft method.bn=train optim.lr=0.05 optim.weight_decay=0.0001
+  ablation_cells $both seed=0 activation=relu loss=mse precond=kfac
+  ablation_cells data=fashion_mnist_target seed=0 activation=relu loss=ce precond=kfac
+  lowshot_cells $both seed=0 data.shots=1,5 experiment=lqf,probe
+  lowshot_cells $both seed=0 data.shots=5 experiment=nlft
   lqf_validation_path "$both data.shots=5 seed=0"
   bash docs/results/reproduce_vit.sh --sample "$out"
   local part

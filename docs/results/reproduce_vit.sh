@@ -29,17 +29,19 @@ per_data='hydra.sweep.subdir=${data.name}/${hydra.job.override_dirname}'
 finetune="experiment=nlft,lpft method.bn=choice(train) optim.lr=0.05,0.01,0.001 optim.weight_decay=1e-4"
 # fmnist_target's fine-tuning picked the grid's lowest lr (0.001) by validation: the grid goes one step lower there.
 low_lr="experiment=nlft,lpft method.bn=choice(train) optim.lr=0.0003 optim.weight_decay=1e-4"
+# The solved cells of the table on data $1, seeds $2 (the whole run and --sample: the same command, the same cells).
+solved_cells() {
+  python run.py -m +sweep=table1_solved data=$1 seed=$2 experiment=lqf,probe $common hydra.sweep.dir=$out/table1
+}
 if $sample; then
-  python run.py -m +sweep=table1_solved data=fashion_mnist_target seed=0 experiment=lqf,probe $common \
-    hydra.sweep.dir=$out/table1
+  solved_cells fashion_mnist_target 0
   exit 0
 fi
 start=$(date +%s)
 lap() { echo "[reproduce_vit] $1 done at $(( $(date +%s) - start )) s"; }
 for data_seeds in "fashion_mnist_target 0,1,2" "digits $digits_seeds"; do
   read -r data seeds <<< "$data_seeds"
-  python run.py -m +sweep=table1_solved data=$data seed=$seeds experiment=lqf,probe $common \
-    hydra.sweep.dir=$out/table1
+  solved_cells $data $seeds
   python run.py -m +sweep=table1 data=$data seed=$seeds $finetune $common hydra.sweep.dir=$out/table1
   if [[ $data == fashion_mnist_target ]]; then
     python run.py -m +sweep=table1 data=$data seed=$seeds $low_lr $common hydra.sweep.dir=$out/table1
